@@ -1,1 +1,425 @@
-fn main() {}
+//! `ish`: one binary, one subcommand per role, plus the client verbs.
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ish_cli::client::{self, BuildOptions, ClientConfig};
+use ish_cli::local::{LocalCluster, LocalOptions};
+use ish_cli::settings::{self, expand_tilde};
+use ish_core::proto::{self, project_source::Kind};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ish",
+    version,
+    about = "Ish CD: a gRPC-first distributed build and job cluster"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ish_master=debug`.
+    #[arg(long, global = true, env = "ISH_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the master (control plane, gRPC).
+    Master(MasterArgs),
+    /// Run a slave (executes work; dials the master).
+    Slave(SlaveArgs),
+    /// Run the REST gateway.
+    Gateway(GatewayArgs),
+    /// Run master + gateway + N slaves in one process.
+    Local(LocalArgs),
+    /// Submit a build, show its progress and download its results into ./build_results/.
+    Build(BuildArgs),
+}
+
+#[derive(Args, Debug)]
+struct MasterArgs {
+    /// TOML settings file (see conf/master.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "ISH_MASTER_LISTEN")]
+    listen: Option<String>,
+    /// Data directory.
+    #[arg(long, env = "ISH_MASTER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Cluster secret.
+    #[arg(long, env = "ISH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Print the merged settings as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args, Debug)]
+struct SlaveArgs {
+    /// TOML settings file (see conf/slave.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC URL of the master.
+    #[arg(long, env = "ISH_MASTER")]
+    master: Option<String>,
+    /// Number of executors.
+    #[arg(long, env = "ISH_EXECUTORS")]
+    executors: Option<u32>,
+    /// Data directory.
+    #[arg(long, env = "ISH_SLAVE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Name in the cluster.
+    #[arg(long, env = "ISH_SLAVE_NAME")]
+    name: Option<String>,
+    /// Cluster secret.
+    #[arg(long, env = "ISH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Print the merged settings as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args, Debug)]
+struct GatewayArgs {
+    /// TOML settings file (see conf/gateway.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// HTTP listen address.
+    #[arg(long, env = "ISH_GATEWAY_LISTEN")]
+    listen: Option<String>,
+    /// gRPC URL of the master.
+    #[arg(long, env = "ISH_MASTER")]
+    master: Option<String>,
+    /// Cluster secret.
+    #[arg(long, env = "ISH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Print the merged settings as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+/// Settings of `ish local` (`conf/local.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LocalConfig {
+    /// Number of slaves. Default 2.
+    slaves: u32,
+    /// Executors per slave. Default 2.
+    executors: u32,
+    /// Data directory. Default `~/.ish/local`.
+    data_dir: PathBuf,
+    /// Master gRPC listen address. Default `127.0.0.1:43100`.
+    master_listen: String,
+    /// Gateway listen address. Default `127.0.0.1:43000`.
+    gateway_listen: String,
+    /// Cluster secret. Default: generated for this run and printed.
+    secret: Option<String>,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            slaves: 2,
+            executors: 2,
+            data_dir: ish_master::config::default_home().join("local"),
+            master_listen: "127.0.0.1:43100".into(),
+            gateway_listen: "127.0.0.1:43000".into(),
+            secret: None,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct LocalArgs {
+    /// TOML settings file (see conf/local.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Number of slaves.
+    #[arg(long, env = "ISH_SLAVES")]
+    slaves: Option<u32>,
+    /// Executors per slave.
+    #[arg(long, env = "ISH_EXECUTORS")]
+    executors: Option<u32>,
+    /// Data directory.
+    #[arg(long, env = "ISH_LOCAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Cluster secret.
+    #[arg(long, env = "ISH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Print the merged settings as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args, Debug)]
+struct BuildArgs {
+    /// TOML settings file (see conf/client.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC URL of the master. Without it, a master on the default address is used, or an
+    /// embedded local cluster is started for the build.
+    #[arg(long, env = "ISH_MASTER")]
+    master: Option<String>,
+    /// Cluster secret.
+    #[arg(long, env = "ISH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Job to run among those in clusterrunner.yaml.
+    #[arg(long, short = 'j')]
+    job_name: Option<String>,
+    /// Use this job config (YAML or JSON: one job's sections) instead of clusterrunner.yaml.
+    #[arg(long)]
+    job_config: Option<PathBuf>,
+    /// Use these atoms instead of running the atomizers (repeatable), e.g. 'export TOKEN="a";'.
+    #[arg(long = "atom")]
+    atoms: Vec<String>,
+    /// Extra environment for every command of the build (repeatable), NAME=VALUE.
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Where to unpack the results.
+    #[arg(long)]
+    results_dir: Option<PathBuf>,
+    /// Do not download the results.
+    #[arg(long)]
+    no_download: bool,
+    #[command(subcommand)]
+    project: Option<ProjectCmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProjectCmd {
+    /// A directory present on every slave (default: the current directory).
+    Directory {
+        /// The directory.
+        #[arg(long)]
+        project_directory: Option<PathBuf>,
+    },
+    /// A git repository.
+    Git {
+        /// Clone URL (https, ssh, file:// or a local path).
+        #[arg(long)]
+        url: String,
+        /// Branch (default master).
+        #[arg(long)]
+        branch: Option<String>,
+        /// Commit to build instead of the branch head.
+        #[arg(long)]
+        hash: Option<String>,
+        /// Remote name.
+        #[arg(long)]
+        remote: Option<String>,
+        /// Sub-directory of the repository with clusterrunner.yaml.
+        #[arg(long)]
+        project_directory: Option<String>,
+    },
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn print_config<T: Serialize>(cfg: &T) -> anyhow::Result<i32> {
+    print!("{}", toml::to_string(cfg)?);
+    Ok(0)
+}
+
+async fn master(a: MasterArgs) -> anyhow::Result<i32> {
+    let mut cfg: ish_master::MasterConfig = settings::load(a.config.as_deref())?;
+    cfg.listen = a.listen.unwrap_or(cfg.listen);
+    cfg.data_dir = expand_tilde(&a.data_dir.unwrap_or(cfg.data_dir));
+    cfg.secret = a.secret.or(cfg.secret);
+    if a.print_config {
+        return print_config(&cfg);
+    }
+    let secret = settings::master_secret(cfg.secret.clone(), &cfg.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    ish_master::serve(cfg, secret, listener, ish_cli::shutdown_signal()).await?;
+    Ok(0)
+}
+
+async fn slave(a: SlaveArgs) -> anyhow::Result<i32> {
+    let mut cfg: ish_slave::SlaveConfig = settings::load(a.config.as_deref())?;
+    cfg.master = a.master.unwrap_or(cfg.master);
+    cfg.executors = a.executors.unwrap_or(cfg.executors);
+    cfg.data_dir = expand_tilde(&a.data_dir.unwrap_or(cfg.data_dir));
+    cfg.name = a.name.or(cfg.name);
+    cfg.secret = a.secret.or(cfg.secret);
+    if a.print_config {
+        return print_config(&cfg);
+    }
+    let secret = settings::client_secret(cfg.secret.clone())?;
+    match ish_slave::run(cfg, secret, ish_cli::shutdown_signal()).await {
+        Ok(exit) => {
+            tracing::info!(?exit, "slave stopped");
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("ish slave: {e}");
+            Ok(2)
+        }
+    }
+}
+
+async fn gateway(a: GatewayArgs) -> anyhow::Result<i32> {
+    let mut cfg: ish_gateway::GatewayConfig = settings::load(a.config.as_deref())?;
+    cfg.listen = a.listen.unwrap_or(cfg.listen);
+    cfg.master = a.master.unwrap_or(cfg.master);
+    cfg.secret = a.secret.or(cfg.secret);
+    if a.print_config {
+        return print_config(&cfg);
+    }
+    let secret = settings::client_secret(cfg.secret.clone())?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    ish_gateway::serve(cfg, secret, listener, ish_cli::shutdown_signal()).await?;
+    Ok(0)
+}
+
+async fn local(a: LocalArgs) -> anyhow::Result<i32> {
+    let mut cfg: LocalConfig = settings::load(a.config.as_deref())?;
+    cfg.slaves = a.slaves.unwrap_or(cfg.slaves);
+    cfg.executors = a.executors.unwrap_or(cfg.executors);
+    cfg.data_dir = expand_tilde(&a.data_dir.unwrap_or(cfg.data_dir));
+    cfg.secret = a.secret.or(cfg.secret);
+    if a.print_config {
+        return print_config(&cfg);
+    }
+    let mut opts = LocalOptions::new(cfg.data_dir.clone(), cfg.slaves, cfg.executors);
+    if let Some(s) = cfg.secret.clone() {
+        ish_core::auth::validate_secret(&s)?;
+        opts.secret = s;
+    }
+    opts.master_listen = cfg.master_listen.clone();
+    opts.gateway_listen = Some(cfg.gateway_listen.clone());
+    let cluster = LocalCluster::start(opts).await?;
+    println!(
+        "Ish CD local cluster: {} slave(s) × {} executor(s)",
+        cfg.slaves, cfg.executors
+    );
+    println!("  master (gRPC): {}", cluster.master_url);
+    if let Some(g) = cluster.gateway_addr {
+        println!("  gateway (REST): http://{g}");
+    }
+    println!("  secret: {}", cluster.secret);
+    println!("  data: {}", cfg.data_dir.display());
+    println!(
+        "Try: ISH_SECRET={} ish build --master {} directory --project-directory conf/examples/basic",
+        cluster.secret, cluster.master_url
+    );
+    ish_cli::shutdown_signal().await;
+    cluster.shutdown().await?;
+    Ok(0)
+}
+
+async fn build(a: BuildArgs) -> anyhow::Result<i32> {
+    let mut cfg: ClientConfig = settings::load(a.config.as_deref())?;
+    cfg.master = a.master.or(cfg.master);
+    cfg.secret = a.secret.or(cfg.secret);
+    cfg.results_dir = a.results_dir.unwrap_or(cfg.results_dir);
+    let (source, project_directory) = match a.project {
+        None => (
+            client::directory_source(&std::env::current_dir()?)?,
+            String::new(),
+        ),
+        Some(ProjectCmd::Directory { project_directory }) => {
+            let dir = project_directory
+                .map(Ok)
+                .unwrap_or_else(std::env::current_dir)?;
+            (client::directory_source(&dir)?, String::new())
+        }
+        Some(ProjectCmd::Git {
+            url,
+            branch,
+            hash,
+            remote,
+            project_directory,
+        }) => {
+            // A local path is made absolute: the slaves resolve it, not this shell.
+            let url = if !url.contains("://")
+                && !url.contains('@')
+                && std::path::Path::new(&url).exists()
+            {
+                std::fs::canonicalize(&url)?.display().to_string()
+            } else {
+                url
+            };
+            let git = proto::GitSource {
+                url,
+                remote: remote.unwrap_or_default(),
+                branch: branch.unwrap_or_default(),
+                hash: hash.unwrap_or_default(),
+            };
+            (
+                proto::ProjectSource {
+                    kind: Some(Kind::Git(git)),
+                },
+                project_directory.unwrap_or_default(),
+            )
+        }
+    };
+    let config_json = a
+        .job_config
+        .as_deref()
+        .map(client::job_config_json)
+        .transpose()?
+        .unwrap_or_default();
+    let request = proto::BuildRequest {
+        source: Some(source),
+        project_directory,
+        job_name: a.job_name.unwrap_or_default(),
+        config_json,
+        atoms_override: a.atoms,
+        env: a.env.into_iter().collect(),
+        ..Default::default()
+    };
+    client::run_build(BuildOptions {
+        cfg,
+        request,
+        no_download: a.no_download,
+    })
+    .await
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ish: cannot start the runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Master(a) => master(a).await,
+            Cmd::Slave(a) => slave(a).await,
+            Cmd::Gateway(a) => gateway(a).await,
+            Cmd::Local(a) => local(a).await,
+            Cmd::Build(a) => build(a).await,
+        }
+    });
+    // Leftover tasks (e.g. a reconnecting gRPC channel) must not delay the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ish: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

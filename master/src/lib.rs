@@ -1,2 +1,77 @@
-//! placeholder
+//! Ish CD master: the control plane.
+//!
+//! It decides and never executes: it never clones a repository and never runs a user command.
+//!
+//! Data flow:
+//! ```text
+//! gRPC (grpc.rs) ──Command──▶ actor task (actor.rs) owns Core (core.rs) ──MasterMessage──▶ slave streams
+//!      ▲                              │  point writes              │ ResultsJob
+//!      └── snapshots / files          ▼                            ▼
+//!                                 sled (store.rs)         results queue (results.rs, archive.rs)
+//! ```
+//! Everything durable is in sled under `<data_dir>/db`; result files and archives under
+//! `<data_dir>/results/<build>/`. On start the core reloads every build and resumes unfinished ones.
+pub mod actor;
 pub mod archive;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod grpc;
+pub mod results;
+pub mod store;
+
+pub use config::MasterConfig;
+pub use error::MasterError;
+
+use ish_core::proto;
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Serves the master on `listener` until `shutdown` completes. `secret` is the cluster secret
+/// every caller must present.
+pub async fn serve(
+    cfg: MasterConfig,
+    secret: String,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), MasterError> {
+    let store = store::Store::open(&cfg.data_dir.join("db"))?;
+    let layout = results::ResultsLayout::new(cfg.data_dir.join("results"));
+    let core_cfg = core::CoreConfig {
+        heartbeat_interval: Duration::from_millis(cfg.heartbeat_interval_ms),
+        heartbeat_timeout: Duration::from_millis(cfg.heartbeat_timeout_ms),
+        max_setup_failures: cfg.max_setup_failures,
+        max_prepare_attempts: cfg.max_prepare_attempts,
+    };
+    let (handle, _actor) = actor::start(core_cfg, store.clone(), layout)?;
+    let check = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+        ish_core::auth::check_metadata(&secret, req.metadata())?;
+        Ok(req)
+    };
+    let link = grpc::SlaveLinkService::new(handle.clone(), cfg.slave_queue_capacity, cfg.max_artifact_bytes_per_atom);
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, data_dir = %cfg.data_dir.display(), "master listening");
+    let stop = handle.clone();
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(proto::slave_link_server::SlaveLinkServer::with_interceptor(link, check.clone()))
+        .add_service(proto::builds_server::BuildsServer::with_interceptor(
+            grpc::BuildsService::new(handle.clone()),
+            check.clone(),
+        ))
+        .add_service(proto::cluster_server::ClusterServer::with_interceptor(
+            grpc::ClusterService::new(handle.clone()),
+            check,
+        ))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("master shutting down");
+            stop.shutdown().await;
+        })
+        .await
+        .map_err(|e| MasterError::io("serving gRPC", std::io::Error::other(e)))?;
+    store.flush().await?;
+    Ok(())
+}

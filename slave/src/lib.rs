@@ -1,2 +1,111 @@
-//! placeholder
+//! Ish CD slave: the hands of the cluster.
+//!
+//! It dials the master (no inbound port), opens one bidirectional `Session` stream, registers
+//! (name, executors, labels, version) and then does the work pushed down the stream:
+//! ```text
+//! master ──Prepare──▶ fetch project (git2 cache → fresh workspace) → job config → atomizers ──▶ PrepareResult
+//!        ──Setup────▶ fetch (or reuse) → setup_build once                                   ──▶ SetupResult
+//!        ──RunSubjob▶ atoms in order: bash -o pipefail, own process group, env of spec §10.2
+//!                      console chunks ─▶ stream; $ARTIFACT_DIR files ─▶ UploadArtifacts RPC ──▶ AtomResult
+//!        ──Cancel───▶ TERM the build's process groups, KILL after a grace
+//!        ──Teardown─▶ teardown_build once, delete the workspace                             ──▶ TeardownDone
+//! ```
+//! When the master goes away the slave stops its work (the master re-queues it) and reconnects
+//! with jittered exponential back-off; it never exits on its own for that. It exits when told to
+//! shut down (SIGTERM → `shutdown`), when drained, or when the master refuses its secret.
+pub mod config;
 pub mod git;
+pub mod project;
+pub mod runner;
+pub mod session;
+
+pub use config::SlaveConfig;
+
+use rand::Rng;
+use session::{SessionEnd, Shared};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Why the slave stopped (on success).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Told to shut down.
+    Shutdown,
+    /// Drained by the master.
+    Drained,
+}
+
+/// Why the slave could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SlaveError {
+    /// The master refused this slave; retrying will not help.
+    #[error("the master refused this slave: {0}")]
+    Refused(String),
+    /// Bad settings.
+    #[error("invalid slave configuration: {0}")]
+    Config(String),
+}
+
+/// Runs the slave until `shutdown` completes, it is drained, or the master refuses it.
+pub async fn run(
+    cfg: SlaveConfig,
+    secret: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Exit, SlaveError> {
+    if cfg.executors == 0 {
+        return Err(SlaveError::Config("executors must be at least 1".into()));
+    }
+    let auth = ish_core::auth::SecretInterceptor::new(&secret)
+        .map_err(|e| SlaveError::Config(e.to_string()))?;
+    let workspaces = project::Workspaces::new(&cfg.data_dir, (&cfg.git).into());
+    // Workspaces of a previous run of this slave are stale: their builds were re-queued.
+    workspaces.clear();
+    let shared = Arc::new(Shared {
+        name: cfg.effective_name(),
+        session_id: format!("{:016x}", rand::rng().random::<u64>()),
+        workspaces,
+        auth,
+        cfg,
+    });
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    let _abort_watcher = AbortOnDrop(watcher);
+    let max_delay = Duration::from_millis(shared.cfg.max_reconnect_delay_ms.max(100));
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let started = std::time::Instant::now();
+        match session::run_session(shared.clone(), stop.clone()).await {
+            SessionEnd::Shutdown => return Ok(Exit::Shutdown),
+            SessionEnd::Drained => return Ok(Exit::Drained),
+            SessionEnd::Refused(msg) => return Err(SlaveError::Refused(msg)),
+            SessionEnd::Lost(why) => {
+                if started.elapsed() > Duration::from_secs(10) {
+                    // The session was healthy for a while: start backing off from scratch.
+                    delay = Duration::from_millis(100);
+                }
+                tracing::warn!(%why, retry_in = ?delay, "lost the master; reconnecting");
+            }
+        }
+        // Full jitter keeps a fleet of slaves from reconnecting in lock-step after a master restart.
+        let wait = delay.mul_f64(rand::rng().random_range(0.5..1.0));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return Ok(Exit::Shutdown),
+        }
+        delay = (delay * 2).min(max_delay);
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,26 @@
+//! The `ish` binary's library: wiring the role crates together.
+//!
+//! - [`settings`]: config files (TOML, `deny_unknown_fields`) merged with `ISH_*` env and flags;
+//!   the cluster secret's sources.
+//! - [`local`]: a whole cluster in one process (master + gateway + N slaves), used by `ish local`,
+//!   by `ish build` when no master is running, and by the in-process tests.
+//! - [`client`]: the client verbs (`ish build`).
+pub mod client;
+pub mod local;
+pub mod settings;
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,53 @@
+//! Master settings. Every field has a documented default; `conf/master.toml` shows them all.
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Settings of the master role.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MasterConfig {
+    /// gRPC listen address. Default `127.0.0.1:43100` (43000 is the REST gateway, ClusterRunner's port).
+    pub listen: String,
+    /// Directory for the database, results and archives. Default `~/.ish/master`.
+    pub data_dir: PathBuf,
+    /// Cluster secret (also `--secret` / `ISH_SECRET`). Default: generated once and kept in
+    /// `<data_dir>/secret` (mode 0600).
+    pub secret: Option<String>,
+    /// How often slaves send heartbeats, in milliseconds. Default 2000.
+    pub heartbeat_interval_ms: u64,
+    /// A slave that sends nothing for this long is declared lost and its work re-queued, in
+    /// milliseconds. Default 15000.
+    pub heartbeat_timeout_ms: u64,
+    /// Setup failures (across slaves) after which a build ends in ERROR. Default 3.
+    pub max_setup_failures: u32,
+    /// Preparation attempts (a preparing slave lost) after which a build ends in ERROR. Default 3.
+    pub max_prepare_attempts: u32,
+    /// Messages queued to one slave before it is considered stuck and dropped. Default 4096.
+    pub slave_queue_capacity: usize,
+    /// Largest artifact file a slave may upload for one atom, in bytes. Default 1 GiB.
+    pub max_artifact_bytes_per_atom: u64,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:43100".into(),
+            data_dir: default_home().join("master"),
+            secret: None,
+            heartbeat_interval_ms: 2_000,
+            heartbeat_timeout_ms: 15_000,
+            max_setup_failures: 3,
+            max_prepare_attempts: 3,
+            slave_queue_capacity: 4_096,
+            max_artifact_bytes_per_atom: 1 << 30,
+        }
+    }
+}
+
+/// `~/.ish`, or `./.ish` when there is no home directory.
+pub fn default_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".ish")
+}

@@ -1,0 +1,1583 @@
+//! The scheduler: the one owner of the master's mutable state.
+//!
+//! [`Core`] is driven by [`Command`]s, one at a time, from the actor task (`actor.rs`). It knows
+//! slaves only as channel senders of [`proto::MasterMessage`], so tests drive it with plain
+//! channels and no network. It never blocks: database writes are point writes; file work goes to
+//! the results queue (`results.rs`).
+//!
+//! Work flow per build: QUEUED → a slave with a free executor prepares it (fetch, job config,
+//! atomizers) → atoms grouped into subjobs with timing history → PREPARED → each slave that will
+//! run subjobs is set up once (setup_build) → subjobs dispatched to free executors → results
+//! recorded per atom → archives → FINISHED → teardown on every slave of the build.
+//!
+//! Every dispatch has an attempt id. A message about an attempt the core no longer tracks (a
+//! slave declared lost, a canceled build) is ignored, so each atom's result comes from exactly
+//! one attempt.
+use crate::error::{MasterError, Result};
+use crate::results::{ArchiveKind, CONSOLE_FILE, ResultsJob, ResultsLayout};
+use crate::store::Store;
+use ish_core::proto::{self, master_message::Msg as Down, slave_message::Msg as Up};
+use ish_core::state::{BuildEvent, BuildState};
+use ish_core::{grouping, jobconfig, now_epoch};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Sender half of a slave's control stream.
+pub type SlaveTx = mpsc::Sender<proto::MasterMessage>;
+
+/// Reply channel of a command.
+pub type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// Where an atom's console output can be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsoleLocation {
+    /// The console file (may not exist yet while the atom has printed nothing).
+    pub path: PathBuf,
+    /// True once the atom's result is recorded: the file will not grow any more.
+    pub complete: bool,
+}
+
+/// Everything the core can be asked to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Validate, store and queue a build.
+    Submit(proto::BuildRequest, Reply<u64>),
+    /// Cancel a build.
+    Cancel(u64, Reply<proto::Build>),
+    /// One build.
+    GetBuild(u64, Reply<proto::Build>),
+    /// Builds, paginated.
+    ListBuilds {
+        /// Skip.
+        offset: u32,
+        /// Max (0 = all).
+        limit: u32,
+        /// Only unfinished.
+        unfinished_only: bool,
+        /// Answer.
+        reply: Reply<proto::ListBuildsResponse>,
+    },
+    /// A build's subjobs, paginated.
+    ListSubjobs {
+        /// Build.
+        build: u64,
+        /// Skip.
+        offset: u32,
+        /// Max (0 = all).
+        limit: u32,
+        /// Answer.
+        reply: Reply<proto::ListSubjobsResponse>,
+    },
+    /// Where an atom's console is.
+    Console {
+        /// Build.
+        build: u64,
+        /// Subjob.
+        subjob: u32,
+        /// Atom.
+        atom: u32,
+        /// Answer.
+        reply: Reply<ConsoleLocation>,
+    },
+    /// Path of a finished build's archive.
+    Archive(u64, ArchiveKind, Reply<PathBuf>),
+    /// Connected slaves.
+    ListSlaves(Reply<proto::ListSlavesResponse>),
+    /// Drain slaves.
+    Drain {
+        /// Slaves (ignored when `all`).
+        ids: Vec<u64>,
+        /// Every slave.
+        all: bool,
+        /// Answer: the ids told to drain.
+        reply: Reply<Vec<u64>>,
+    },
+    /// A slave opened a session and registered.
+    SlaveConnected(proto::Register, SlaveTx, Reply<u64>),
+    /// A message from a registered slave.
+    FromSlave(u64, Up),
+    /// A slave's stream ended.
+    SlaveDisconnected(u64),
+    /// May this slave upload artifacts for this attempt? Answers the attempt's atom directory.
+    UploadTarget {
+        /// Uploading slave.
+        slave: u64,
+        /// Build.
+        build: u64,
+        /// Subjob.
+        subjob: u32,
+        /// Atom.
+        atom: u32,
+        /// Attempt.
+        attempt: u64,
+        /// Answer.
+        reply: Reply<PathBuf>,
+    },
+    /// The results queue finished a build's archives.
+    ArchivesWritten(u64, std::result::Result<(), String>),
+    /// Periodic housekeeping: lose silent slaves.
+    Tick(Instant),
+    /// The master is stopping: end every slave stream. Builds stay as stored and resume when
+    /// the master starts again.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Slaves heartbeat this often.
+    pub heartbeat_interval: Duration,
+    /// A slave silent this long is lost.
+    pub heartbeat_timeout: Duration,
+    /// Setup failures before a build errors.
+    pub max_setup_failures: u32,
+    /// Lost preparations before a build errors.
+    pub max_prepare_attempts: u32,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(15),
+            max_setup_failures: 3,
+            max_prepare_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlaveBuildState {
+    /// The slave prepared the build: it has the workspace but has not run setup.
+    Prepared,
+    /// Setup sent, no answer yet.
+    SettingUp,
+    /// Setup succeeded: subjobs may be dispatched.
+    Ready,
+    /// Setup failed: this slave gets no more work of this build.
+    Failed,
+    /// Teardown sent.
+    TornDown,
+}
+
+#[derive(Debug)]
+struct SlaveBuild {
+    state: SlaveBuildState,
+    /// First BUILD_EXECUTOR_INDEX of this slave for this build.
+    start_index: u32,
+    /// Executors of this slave the build may use.
+    cap: u32,
+    /// Build-local executor indices (0..cap) not in use.
+    free_local: BTreeSet<u32>,
+}
+
+#[derive(Debug)]
+struct Subjob {
+    atoms: Vec<proto::Atom>,
+    /// Attempt running it now.
+    running: Option<u64>,
+    completed: bool,
+    attempts: u32,
+    /// Slave it was last dispatched to.
+    slave: String,
+}
+
+#[derive(Debug)]
+struct Build {
+    id: u64,
+    request: proto::BuildRequest,
+    state: BuildState,
+    result: proto::BuildResult,
+    error: String,
+    timestamps: Vec<(BuildState, f64)>,
+    job: Option<proto::JobConfig>,
+    commit: String,
+    project_key: String,
+    project_dir: String,
+    subjobs: Vec<Subjob>,
+    /// Subjobs waiting for an executor, in dispatch order.
+    pending: VecDeque<u32>,
+    completed_subjobs: u32,
+    completed_atoms: u32,
+    failed_atoms: u32,
+    num_atoms: u32,
+    artifacts_ready: bool,
+    archiving: bool,
+    setup_failures: u32,
+    prepare_attempts: u32,
+    preparing_on: Option<u64>,
+    slaves: BTreeMap<u64, SlaveBuild>,
+    next_executor_index: u32,
+    executors_in_use: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Prepare(u64),
+    Subjob(u64),
+}
+
+#[derive(Debug)]
+struct Slave {
+    id: u64,
+    name: String,
+    session_id: String,
+    executors: u32,
+    labels: HashMap<String, String>,
+    version: String,
+    tx: SlaveTx,
+    free_slots: BTreeSet<u32>,
+    busy: BTreeMap<u32, Work>,
+    draining: bool,
+    last_seen: Instant,
+    last_heartbeat: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    build: u64,
+    subjob: u32,
+    slave: u64,
+    slot: u32,
+    local: u32,
+}
+
+/// The master's state and scheduling logic. See the module docs.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    store: Store,
+    layout: ResultsLayout,
+    results: mpsc::UnboundedSender<ResultsJob>,
+    /// Told the id of every build that changed (watchers re-read it).
+    changes: broadcast::Sender<u64>,
+    /// Where archive completions are sent back.
+    self_tx: mpsc::WeakSender<Command>,
+    builds: BTreeMap<u64, Build>,
+    /// Builds not in a final state, in FIFO order.
+    active: BTreeSet<u64>,
+    slaves: BTreeMap<u64, Slave>,
+    attempts: HashMap<u64, Attempt>,
+    next_attempt: u64,
+    next_slave_id: u64,
+    /// Slaves whose channel failed during this command; dropped once it is handled.
+    doomed: BTreeSet<u64>,
+}
+
+fn invalid(msg: impl Into<String>) -> MasterError {
+    MasterError::InvalidArgument(msg.into())
+}
+
+fn unknown_build(id: u64) -> MasterError {
+    MasterError::NotFound(format!("Invalid build id: {id}."))
+}
+
+/// Checks a build request before anything is stored. Messages name the offending field.
+pub fn validate_request(req: &proto::BuildRequest) -> Result<()> {
+    use proto::project_source::Kind;
+    match req.source.as_ref().and_then(|s| s.kind.as_ref()) {
+        None => return Err(invalid("Invalid build request type: give a git or directory source.")),
+        Some(Kind::Git(g)) => {
+            if g.url.trim().is_empty() {
+                return Err(invalid("Missing required parameter. Required parameters: ['url']"));
+            }
+            if !g.hash.is_empty() && (g.hash.len() < 7 || g.hash.len() > 40 || !g.hash.bytes().all(|b| b.is_ascii_hexdigit())) {
+                return Err(invalid(format!(
+                    "Invalid hash \"{}\": expected 7 to 40 hexadecimal digits.",
+                    g.hash
+                )));
+            }
+            if g.branch.starts_with('-') || g.remote.starts_with('-') || g.remote.contains('/') {
+                return Err(invalid("Invalid branch or remote name."));
+            }
+        }
+        Some(Kind::Directory(d)) => {
+            if d.path.trim().is_empty() {
+                return Err(invalid(
+                    "Missing required parameter. Required parameters: ['project_directory']",
+                ));
+            }
+            if !d.path.starts_with('/') {
+                return Err(invalid(format!(
+                    "project_directory \"{}\" must be an absolute path (it is looked up on the slaves).",
+                    d.path
+                )));
+            }
+        }
+    }
+    let pd = &req.project_directory;
+    if pd.starts_with('/') || pd.split('/').any(|p| p == "..") {
+        return Err(invalid(format!(
+            "project_directory \"{pd}\" must be a relative path inside the repository, without \"..\"."
+        )));
+    }
+    if !req.config_json.is_empty() {
+        let job = (!req.job_name.is_empty()).then_some(req.job_name.as_str());
+        jobconfig::parse_inline_config_str(&req.config_json, job).map_err(|e| invalid(e.to_string()))?;
+    }
+    if req.atoms_override.iter().any(|a| a.trim().is_empty()) {
+        return Err(invalid("atoms_override entries must not be empty."));
+    }
+    if !req.remote_files.is_empty() {
+        return Err(invalid("remote_files is not supported by this master yet."));
+    }
+    for k in req.env.keys() {
+        let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(invalid(format!("env name \"{k}\" is not a valid variable name.")));
+        }
+    }
+    Ok(())
+}
+
+/// The request as ClusterRunner's `request_params` (used when the client sent no JSON of its own).
+fn request_params_json(req: &proto::BuildRequest) -> String {
+    use proto::project_source::Kind;
+    let mut m = serde_json::Map::new();
+    let mut put = |k: &str, v: &str| {
+        if !v.is_empty() {
+            m.insert(k.into(), v.into());
+        }
+    };
+    match req.source.as_ref().and_then(|s| s.kind.as_ref()) {
+        Some(Kind::Git(g)) => {
+            put("type", "git");
+            put("url", &g.url);
+            put("remote", &g.remote);
+            put("branch", &g.branch);
+            put("hash", &g.hash);
+            put("project_directory", &req.project_directory);
+        }
+        Some(Kind::Directory(d)) => {
+            put("type", "directory");
+            put("project_directory", &d.path);
+        }
+        None => {}
+    }
+    put("job_name", &req.job_name);
+    if !req.config_json.is_empty()
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&req.config_json)
+    {
+        m.insert("config".into(), v);
+    }
+    if !req.atoms_override.is_empty() {
+        m.insert("atoms_override".into(), req.atoms_override.clone().into());
+    }
+    serde_json::Value::Object(m).to_string()
+}
+
+/// Timing history key of a project: the same repository (or directory) and sub-directory share
+/// history, whatever branch or commit is built.
+fn project_key(req: &proto::BuildRequest) -> String {
+    use proto::project_source::Kind;
+    match req.source.as_ref().and_then(|s| s.kind.as_ref()) {
+        Some(Kind::Git(g)) => format!("git:{}//{}", g.url.trim_end_matches('/'), req.project_directory),
+        Some(Kind::Directory(d)) => format!("dir:{}//{}", d.path.trim_end_matches('/'), req.project_directory),
+        None => String::new(),
+    }
+}
+
+impl Build {
+    fn new(id: u64, request: proto::BuildRequest) -> Self {
+        let project_key = project_key(&request);
+        Self {
+            id,
+            request,
+            state: BuildState::Queued,
+            result: proto::BuildResult::Unspecified,
+            error: String::new(),
+            timestamps: vec![(BuildState::Queued, now_epoch())],
+            job: None,
+            commit: String::new(),
+            project_key,
+            project_dir: String::new(),
+            subjobs: Vec::new(),
+            pending: VecDeque::new(),
+            completed_subjobs: 0,
+            completed_atoms: 0,
+            failed_atoms: 0,
+            num_atoms: 0,
+            artifacts_ready: false,
+            archiving: false,
+            setup_failures: 0,
+            prepare_attempts: 0,
+            preparing_on: None,
+            slaves: BTreeMap::new(),
+            next_executor_index: 0,
+            executors_in_use: 0,
+        }
+    }
+
+    /// Applies an event through the state machine. An illegal event is logged and refused.
+    fn transition(&mut self, event: BuildEvent) -> bool {
+        match self.state.on(event) {
+            Ok(next) => {
+                self.state = next;
+                self.timestamps.push((next, now_epoch()));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(build = self.id, error = %e, "refused build state transition");
+                false
+            }
+        }
+    }
+
+    fn job_name(&self) -> String {
+        self.job
+            .as_ref()
+            .map(|j| j.name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| self.request.job_name.clone())
+    }
+
+    fn max_executors(&self) -> u32 {
+        self.job.as_ref().map(|j| j.max_executors).filter(|&n| n > 0).unwrap_or(u32::MAX)
+    }
+
+    fn max_per_slave(&self) -> u32 {
+        self.job
+            .as_ref()
+            .map(|j| j.max_executors_per_slave)
+            .filter(|&n| n > 0)
+            .unwrap_or(u32::MAX)
+    }
+
+    fn to_proto(&self, with_failed_atoms: bool) -> proto::Build {
+        let failed_atoms = if with_failed_atoms && self.state == BuildState::Finished {
+            self.subjobs
+                .iter()
+                .flat_map(|s| &s.atoms)
+                .filter(|a| a.exit_code.is_some_and(|c| c != 0))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        proto::Build {
+            id: self.id,
+            state: proto::BuildState::from(self.state) as i32,
+            result: self.result as i32,
+            error_message: self.error.clone(),
+            request: Some(self.request.clone()),
+            job_name: self.job_name(),
+            commit: self.commit.clone(),
+            num_subjobs: self.subjobs.len() as u32,
+            completed_subjobs: self.completed_subjobs,
+            num_atoms: self.num_atoms,
+            completed_atoms: self.completed_atoms,
+            failed_atom_count: self.failed_atoms,
+            failed_atoms,
+            state_timestamps: self
+                .timestamps
+                .iter()
+                .map(|&(s, at)| proto::StateTimestamp {
+                    state: proto::BuildState::from(s) as i32,
+                    at,
+                })
+                .collect(),
+            artifacts_ready: self.artifacts_ready,
+            command: self.job.as_ref().map(|j| j.commands.clone()).unwrap_or_default(),
+            project_dir: self.project_dir.clone(),
+        }
+    }
+
+    fn to_record(&self) -> proto::StoredBuild {
+        proto::StoredBuild {
+            build: Some(self.to_proto(false)),
+            job: self.job.clone(),
+            project_key: self.project_key.clone(),
+            setup_failures: self.setup_failures,
+            prepare_attempts: self.prepare_attempts,
+        }
+    }
+
+    /// Artifact directory names of every atom, and of the failed ones, in (subjob, atom) order.
+    fn artifact_dirs(&self) -> (Vec<String>, Vec<String>) {
+        let mut all = Vec::with_capacity(self.num_atoms as usize);
+        let mut failed = Vec::new();
+        for (sid, s) in self.subjobs.iter().enumerate() {
+            for a in &s.atoms {
+                let name = crate::archive::artifact_dir_name(sid as u32, a.id);
+                if a.exit_code.is_some_and(|c| c != 0) {
+                    failed.push(name.clone());
+                }
+                all.push(name);
+            }
+        }
+        (all, failed)
+    }
+}
+
+impl Core {
+    /// A core over `store`, writing results under `layout` through the `results` queue.
+    pub fn new(
+        cfg: CoreConfig,
+        store: Store,
+        layout: ResultsLayout,
+        results: mpsc::UnboundedSender<ResultsJob>,
+        changes: broadcast::Sender<u64>,
+        self_tx: mpsc::WeakSender<Command>,
+    ) -> Self {
+        Self {
+            cfg,
+            store,
+            layout,
+            results,
+            changes,
+            self_tx,
+            builds: BTreeMap::new(),
+            active: BTreeSet::new(),
+            slaves: BTreeMap::new(),
+            attempts: HashMap::new(),
+            next_attempt: 1,
+            next_slave_id: 1,
+            doomed: BTreeSet::new(),
+        }
+    }
+
+    /// Loads every stored build. Unfinished builds resume: a build that was queued or preparing
+    /// is prepared again; a building build re-queues every subjob that still lacks results; a
+    /// build whose atoms were all done gets its archives (re)written.
+    pub fn recover(&mut self) -> Result<()> {
+        for rec in self.store.load_builds()? {
+            let Some(pb) = rec.build else { continue };
+            let mut b = Build::new(pb.id, pb.request.unwrap_or_default());
+            b.state = proto::BuildState::try_from(pb.state)
+                .ok()
+                .and_then(|s| BuildState::try_from(s).ok())
+                .ok_or_else(|| MasterError::Corrupt(format!("build {} has no state", pb.id)))?;
+            b.result = proto::BuildResult::try_from(pb.result).unwrap_or_default();
+            b.error = pb.error_message;
+            b.timestamps = pb
+                .state_timestamps
+                .iter()
+                .filter_map(|t| {
+                    let s = proto::BuildState::try_from(t.state).ok()?;
+                    Some((BuildState::try_from(s).ok()?, t.at))
+                })
+                .collect();
+            b.job = rec.job;
+            b.commit = pb.commit;
+            b.project_key = rec.project_key;
+            b.project_dir = pb.project_dir;
+            b.artifacts_ready = pb.artifacts_ready;
+            b.setup_failures = rec.setup_failures;
+            b.prepare_attempts = rec.prepare_attempts;
+            let n_subjobs = pb.num_subjobs as usize;
+            if n_subjobs > 0 {
+                let mut subjobs: Vec<Subjob> = (0..n_subjobs)
+                    .map(|_| Subjob {
+                        atoms: Vec::new(),
+                        running: None,
+                        completed: false,
+                        attempts: 0,
+                        slave: String::new(),
+                    })
+                    .collect();
+                for a in self.store.load_atoms(b.id)? {
+                    if let Some(s) = subjobs.get_mut(a.subjob_id as usize) {
+                        s.atoms.push(a);
+                    }
+                }
+                b.subjobs = subjobs;
+            }
+            b.num_atoms = b.subjobs.iter().map(|s| s.atoms.len() as u32).sum();
+            for (sid, s) in b.subjobs.iter_mut().enumerate() {
+                for a in &mut s.atoms {
+                    if a.exit_code.is_some() {
+                        a.state = proto::AtomState::Completed as i32;
+                        b.completed_atoms += 1;
+                        if a.exit_code != Some(0) {
+                            b.failed_atoms += 1;
+                        }
+                    } else {
+                        a.state = proto::AtomState::NotStarted as i32;
+                    }
+                }
+                s.slave = s.atoms.iter().rev().find(|a| !a.slave.is_empty()).map(|a| a.slave.clone()).unwrap_or_default();
+                s.completed = s.atoms.iter().all(|a| a.exit_code.is_some());
+                if s.completed {
+                    b.completed_subjobs += 1;
+                } else if !b.state.is_final() {
+                    b.pending.push_back(sid as u32);
+                }
+            }
+            let id = b.id;
+            match b.state {
+                BuildState::Preparing => {
+                    b.transition(BuildEvent::Requeue);
+                }
+                s if s.is_final() => {}
+                _ => {}
+            }
+            if !b.state.is_final() {
+                tracing::info!(build = id, state = ?b.state, pending = b.pending.len(), "resuming build after restart");
+                self.active.insert(id);
+            }
+            self.builds.insert(id, b);
+        }
+        let ids: Vec<u64> = self.active.iter().copied().collect();
+        for id in ids {
+            self.persist(id);
+            self.check_complete(id);
+        }
+        Ok(())
+    }
+
+    /// Handles one command.
+    pub fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(req, reply) => {
+                let _ = reply.send(self.submit(req));
+            }
+            Command::Cancel(id, reply) => {
+                let _ = reply.send(self.cancel(id));
+            }
+            Command::GetBuild(id, reply) => {
+                let r = self.builds.get(&id).map(|b| b.to_proto(true)).ok_or_else(|| unknown_build(id));
+                let _ = reply.send(r);
+            }
+            Command::ListBuilds {
+                offset,
+                limit,
+                unfinished_only,
+                reply,
+            } => {
+                let matching = self
+                    .builds
+                    .values()
+                    .filter(|b| !unfinished_only || !matches!(b.state, BuildState::Finished | BuildState::Canceled));
+                let total = matching.clone().count() as u32;
+                let take = if limit == 0 { usize::MAX } else { limit as usize };
+                let builds = matching.skip(offset as usize).take(take).map(|b| b.to_proto(true)).collect();
+                let _ = reply.send(Ok(proto::ListBuildsResponse { builds, total }));
+            }
+            Command::ListSubjobs {
+                build,
+                offset,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.list_subjobs(build, offset, limit));
+            }
+            Command::Console {
+                build,
+                subjob,
+                atom,
+                reply,
+            } => {
+                let _ = reply.send(self.console(build, subjob, atom));
+            }
+            Command::Archive(id, kind, reply) => {
+                let r = match self.builds.get(&id) {
+                    None => Err(unknown_build(id)),
+                    Some(b) if b.artifacts_ready => Ok(self.layout.archive(id, kind)),
+                    Some(b) => Err(MasterError::FailedPrecondition(format!(
+                        "Build {id} has no artifacts yet (state {:?}).",
+                        b.state
+                    ))),
+                };
+                let _ = reply.send(r);
+            }
+            Command::ListSlaves(reply) => {
+                let _ = reply.send(Ok(self.list_slaves()));
+            }
+            Command::Drain { ids, all, reply } => {
+                let _ = reply.send(self.drain(ids, all));
+            }
+            Command::SlaveConnected(reg, tx, reply) => {
+                let _ = reply.send(self.slave_connected(reg, tx));
+            }
+            Command::FromSlave(sid, msg) => self.from_slave(sid, msg),
+            Command::SlaveDisconnected(sid) => {
+                if self.slaves.contains_key(&sid) {
+                    self.lose_slave(sid, "its stream ended");
+                }
+            }
+            Command::UploadTarget {
+                slave,
+                build,
+                subjob,
+                atom,
+                attempt,
+                reply,
+            } => {
+                let ok = self.attempts.get(&attempt).is_some_and(|a| {
+                    a.slave == slave && a.build == build && a.subjob == subjob
+                }) && self
+                    .builds
+                    .get(&build)
+                    .and_then(|b| b.subjobs.get(subjob as usize))
+                    .is_some_and(|s| (atom as usize) < s.atoms.len());
+                let r = if ok {
+                    Ok(self.layout.attempt_atom_dir(build, attempt, subjob, atom))
+                } else {
+                    Err(MasterError::FailedPrecondition(format!(
+                        "attempt {attempt} of build {build} subjob {subjob} is not assigned to this slave"
+                    )))
+                };
+                let _ = reply.send(r);
+            }
+            Command::ArchivesWritten(id, outcome) => self.archives_written(id, outcome),
+            Command::Tick(now) => self.sweep(now),
+            Command::Shutdown(done) => {
+                // Dropping the senders ends the slaves' streams; they reconnect to the next master.
+                self.slaves.clear();
+                let _ = done.send(());
+                return;
+            }
+        }
+        self.settle();
+    }
+
+    /// Drops slaves whose channel failed and schedules until nothing more can be started.
+    fn settle(&mut self) {
+        self.schedule();
+        while let Some(sid) = self.doomed.pop_first() {
+            if self.slaves.contains_key(&sid) {
+                self.lose_slave(sid, "its message queue is full or closed");
+            }
+            self.schedule();
+        }
+    }
+
+    fn notify(&self, build: u64) {
+        let _ = self.changes.send(build);
+    }
+
+    fn persist(&self, id: u64) {
+        if let Some(b) = self.builds.get(&id)
+            && let Err(e) = self.store.put_build(&b.to_record())
+        {
+            tracing::error!(build = id, error = %e, "could not store build");
+        }
+    }
+
+    fn send(&mut self, sid: u64, msg: Down) -> bool {
+        let Some(s) = self.slaves.get(&sid) else {
+            return false;
+        };
+        match s.tx.try_send(proto::MasterMessage { msg: Some(msg) }) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(slave = sid, error = %e, "cannot send to slave");
+                self.doomed.insert(sid);
+                false
+            }
+        }
+    }
+
+    // ----- client commands -------------------------------------------------------------------
+
+    fn submit(&mut self, mut req: proto::BuildRequest) -> Result<u64> {
+        validate_request(&req)?;
+        if req.request_params_json.is_empty() {
+            req.request_params_json = request_params_json(&req);
+        }
+        let id = self.store.next_build_id()?;
+        let b = Build::new(id, req);
+        self.store.put_build(&b.to_record())?;
+        tracing::info!(build = id, "build queued");
+        self.builds.insert(id, b);
+        self.active.insert(id);
+        self.notify(id);
+        Ok(id)
+    }
+
+    fn cancel(&mut self, id: u64) -> Result<proto::Build> {
+        let b = self.builds.get(&id).ok_or_else(|| unknown_build(id))?;
+        if !b.state.is_final() {
+            self.end_build(id, BuildEvent::Cancel, String::new());
+        }
+        Ok(self.builds[&id].to_proto(true))
+    }
+
+    fn list_subjobs(&self, id: u64, offset: u32, limit: u32) -> Result<proto::ListSubjobsResponse> {
+        let b = self.builds.get(&id).ok_or_else(|| unknown_build(id))?;
+        let take = if limit == 0 { usize::MAX } else { limit as usize };
+        let command = b.job.as_ref().map(|j| j.commands.clone()).unwrap_or_default();
+        let subjobs = b
+            .subjobs
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .take(take)
+            .map(|(i, s)| proto::Subjob {
+                build_id: id,
+                id: i as u32,
+                atoms: s.atoms.clone(),
+                slave: s.slave.clone(),
+                state: if s.completed {
+                    proto::SubjobState::Completed
+                } else if s.running.is_some() {
+                    proto::SubjobState::Running
+                } else {
+                    proto::SubjobState::Pending
+                } as i32,
+                attempts: s.attempts,
+                command: command.clone(),
+            })
+            .collect();
+        Ok(proto::ListSubjobsResponse {
+            subjobs,
+            total: b.subjobs.len() as u32,
+        })
+    }
+
+    fn console(&self, id: u64, subjob: u32, atom: u32) -> Result<ConsoleLocation> {
+        let b = self.builds.get(&id).ok_or_else(|| unknown_build(id))?;
+        let s = b
+            .subjobs
+            .get(subjob as usize)
+            .ok_or_else(|| MasterError::NotFound("Invalid subjob id.".into()))?;
+        let a = s
+            .atoms
+            .get(atom as usize)
+            .ok_or_else(|| MasterError::NotFound("Invalid atom id.".into()))?;
+        if a.exit_code.is_some() {
+            return Ok(ConsoleLocation {
+                path: self.layout.atom_dir(id, subjob, atom).join(CONSOLE_FILE),
+                complete: true,
+            });
+        }
+        match s.running {
+            Some(attempt) if !b.state.is_final() => Ok(ConsoleLocation {
+                path: self.layout.attempt_atom_dir(id, attempt, subjob, atom).join(CONSOLE_FILE),
+                complete: false,
+            }),
+            _ => Err(MasterError::NotFound(format!(
+                "Console output does not exist on this host for build {id}, subjob {subjob}, atom {atom}."
+            ))),
+        }
+    }
+
+    fn list_slaves(&self) -> proto::ListSlavesResponse {
+        let slaves = self
+            .slaves
+            .values()
+            .map(|s| {
+                let in_use = s.busy.len() as u32;
+                proto::Slave {
+                    id: s.id,
+                    name: s.name.clone(),
+                    executors: s.executors,
+                    executors_in_use: in_use,
+                    state: if s.draining {
+                        proto::SlaveState::Draining
+                    } else if in_use > 0 {
+                        proto::SlaveState::Busy
+                    } else {
+                        proto::SlaveState::Idle
+                    } as i32,
+                    build_ids: self
+                        .builds
+                        .values()
+                        .filter(|b| {
+                            b.slaves.get(&s.id).is_some_and(|sb| sb.state != SlaveBuildState::TornDown)
+                        })
+                        .map(|b| b.id)
+                        .collect(),
+                    session_id: s.session_id.clone(),
+                    labels: s.labels.clone(),
+                    version: s.version.clone(),
+                    last_heartbeat: s.last_heartbeat,
+                }
+            })
+            .collect();
+        proto::ListSlavesResponse { slaves }
+    }
+
+    fn drain(&mut self, ids: Vec<u64>, all: bool) -> Result<Vec<u64>> {
+        let ids: Vec<u64> = if all { self.slaves.keys().copied().collect() } else { ids };
+        if let Some(bad) = ids.iter().find(|id| !self.slaves.contains_key(id)) {
+            return Err(MasterError::NotFound(format!(
+                "Requested slave (slave_id={bad}) does not exist."
+            )));
+        }
+        for &sid in &ids {
+            if let Some(s) = self.slaves.get_mut(&sid) {
+                s.draining = true;
+            }
+            self.send(sid, Down::Drain(proto::Drain { grace_ms: 0 }));
+        }
+        Ok(ids)
+    }
+
+    // ----- slave events ----------------------------------------------------------------------
+
+    fn slave_connected(&mut self, reg: proto::Register, tx: SlaveTx) -> Result<u64> {
+        if reg.executors == 0 || reg.executors > 1024 {
+            return Err(invalid("executors must be between 1 and 1024"));
+        }
+        if reg.name.trim().is_empty() {
+            return Err(invalid("a slave must register with a name"));
+        }
+        // The same slave reconnecting (or restarted) replaces its old record; its old work is
+        // re-queued because the new session starts with nothing running.
+        let old: Vec<u64> = self.slaves.values().filter(|s| s.name == reg.name).map(|s| s.id).collect();
+        for sid in old {
+            self.lose_slave(sid, "it registered again");
+        }
+        let id = self.next_slave_id;
+        self.next_slave_id += 1;
+        let s = Slave {
+            id,
+            name: reg.name,
+            session_id: reg.session_id,
+            executors: reg.executors,
+            labels: reg.labels,
+            version: reg.version,
+            tx,
+            free_slots: (0..reg.executors).collect(),
+            busy: BTreeMap::new(),
+            draining: false,
+            last_seen: Instant::now(),
+            last_heartbeat: now_epoch(),
+        };
+        tracing::info!(slave = id, name = %s.name, executors = s.executors, "slave registered");
+        self.slaves.insert(id, s);
+        self.send(
+            id,
+            Down::Registered(proto::Registered {
+                slave_id: id,
+                heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            }),
+        );
+        Ok(id)
+    }
+
+    fn from_slave(&mut self, sid: u64, msg: Up) {
+        let Some(slave) = self.slaves.get_mut(&sid) else {
+            tracing::debug!(slave = sid, "message from a slave that is no longer registered; ignored");
+            return;
+        };
+        slave.last_seen = Instant::now();
+        match msg {
+            Up::Register(_) => tracing::warn!(slave = sid, "duplicate Register ignored"),
+            Up::Heartbeat(_) => {
+                slave.last_heartbeat = now_epoch();
+                self.send(sid, Down::Heartbeat(proto::Heartbeat { sent_at: now_epoch() }));
+            }
+            Up::Prepared(r) => self.prepared(sid, r),
+            Up::Setup(r) => self.setup_done(sid, r),
+            Up::AtomStarted(a) => self.atom_started(sid, a),
+            // Console bytes are written to disk by the session reader; nothing to track here.
+            Up::Console(_) => {}
+            Up::AtomResult(r) => self.atom_result(sid, r),
+            Up::SubjobDone(d) => self.subjob_done(sid, d),
+            Up::TeardownDone(t) => {
+                if !t.ok {
+                    tracing::warn!(slave = sid, build = t.build_id, error = %t.error, "teardown_build failed");
+                }
+            }
+            Up::GoingAway(g) => {
+                tracing::info!(slave = sid, reason = %g.reason, "slave is leaving");
+                self.lose_slave(sid, "it left");
+            }
+        }
+    }
+
+    fn free_slot(&mut self, sid: u64, slot: u32) {
+        if let Some(s) = self.slaves.get_mut(&sid) {
+            s.busy.remove(&slot);
+            s.free_slots.insert(slot);
+        }
+    }
+
+    fn prepared(&mut self, sid: u64, r: proto::PrepareResult) {
+        let id = r.build_id;
+        let slot = self.slaves.get(&sid).and_then(|s| {
+            s.busy
+                .iter()
+                .find(|(_, w)| matches!(w, Work::Prepare(b) if *b == id))
+                .map(|(slot, _)| *slot)
+        });
+        let Some(slot) = slot else {
+            tracing::warn!(slave = sid, build = id, "PrepareResult for work this slave was not given; ignored");
+            return;
+        };
+        self.free_slot(sid, slot);
+        let Some(b) = self.builds.get_mut(&id) else { return };
+        if b.state != BuildState::Preparing || b.preparing_on != Some(sid) {
+            // Canceled (or reassigned) meanwhile: the slave still has a workspace to clean.
+            self.send(sid, Down::Teardown(proto::Teardown { build_id: id }));
+            return;
+        }
+        b.preparing_on = None;
+        // The preparing slave keeps the workspace; remember it so teardown reaches it.
+        b.slaves.insert(
+            sid,
+            SlaveBuild {
+                state: SlaveBuildState::Prepared,
+                start_index: 0,
+                cap: 0,
+                free_local: BTreeSet::new(),
+            },
+        );
+        if !r.error.is_empty() {
+            tracing::info!(build = id, error = %r.error, "preparation failed");
+            self.end_build(id, BuildEvent::Fail, r.error);
+            return;
+        }
+        let job = r.job.unwrap_or_default();
+        let timings = match self.store.timings(&b.project_key, &job.name) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(build = id, error = %e, "timing history unreadable; grouping without it");
+                HashMap::new()
+            }
+        };
+        let max_exec = (job.max_executors > 0).then_some(u64::from(job.max_executors));
+        let groups = grouping::group_atoms(&r.atoms, &timings, max_exec);
+        b.subjobs = groups
+            .into_iter()
+            .enumerate()
+            .map(|(sid_, g)| Subjob {
+                atoms: g
+                    .into_iter()
+                    .enumerate()
+                    .map(|(aid, ga)| proto::Atom {
+                        id: aid as u32,
+                        subjob_id: sid_ as u32,
+                        command_string: r.atoms[ga.index].clone(),
+                        expected_time: ga.expected_time,
+                        actual_time: None,
+                        exit_code: None,
+                        state: proto::AtomState::NotStarted as i32,
+                        slave: String::new(),
+                    })
+                    .collect(),
+                running: None,
+                completed: false,
+                attempts: 0,
+                slave: String::new(),
+            })
+            .collect();
+        b.num_atoms = r.atoms.len() as u32;
+        b.pending = (0..b.subjobs.len() as u32).collect();
+        b.job = Some(job);
+        b.commit = r.commit;
+        b.project_dir = r.project_dir;
+        b.transition(BuildEvent::FinishPrepare);
+        tracing::info!(build = id, atoms = b.num_atoms, subjobs = b.subjobs.len(), "build prepared");
+        if let Err(e) = self.store.put_atoms(id, b.subjobs.iter().flat_map(|s| &s.atoms)) {
+            tracing::error!(build = id, error = %e, "could not store atoms");
+        }
+        self.persist(id);
+        self.notify(id);
+        self.check_complete(id);
+    }
+
+    fn setup_done(&mut self, sid: u64, r: proto::SetupResult) {
+        let id = r.build_id;
+        let Some(b) = self.builds.get_mut(&id) else { return };
+        let Some(sb) = b.slaves.get_mut(&sid) else { return };
+        if sb.state != SlaveBuildState::SettingUp {
+            return;
+        }
+        if r.ok {
+            sb.state = SlaveBuildState::Ready;
+            self.notify(id);
+            return;
+        }
+        sb.state = SlaveBuildState::Failed;
+        b.setup_failures += 1;
+        let failures = b.setup_failures;
+        tracing::warn!(build = id, slave = sid, error = %r.error, failures, "setup failed");
+        self.send(sid, Down::Teardown(proto::Teardown { build_id: id }));
+        let b = &self.builds[&id];
+        // Out of tries, or no connected slave left that has not failed setup for this build.
+        let candidates = self
+            .slaves
+            .values()
+            .filter(|s| !s.draining && !b.slaves.get(&s.id).is_some_and(|sb| sb.state == SlaveBuildState::Failed))
+            .count();
+        if failures >= self.cfg.max_setup_failures || candidates == 0 {
+            let msg = format!("Setup failed on {failures} slave(s); giving up. Last error: {}", r.error);
+            self.end_build(id, BuildEvent::Fail, msg);
+        } else {
+            self.persist(id);
+        }
+    }
+
+    fn current_attempt(&self, sid: u64, attempt: u64, build: u64, subjob: u32) -> Option<Attempt> {
+        self.attempts
+            .get(&attempt)
+            .copied()
+            .filter(|a| a.slave == sid && a.build == build && a.subjob == subjob)
+    }
+
+    fn atom_started(&mut self, sid: u64, m: proto::AtomStarted) {
+        if self.current_attempt(sid, m.attempt, m.build_id, m.subjob_id).is_none() {
+            return;
+        }
+        let name = self.slaves[&sid].name.clone();
+        if let Some(a) = self
+            .builds
+            .get_mut(&m.build_id)
+            .and_then(|b| b.subjobs.get_mut(m.subjob_id as usize))
+            .and_then(|s| s.atoms.get_mut(m.atom_id as usize))
+        {
+            a.slave = name;
+            self.notify(m.build_id);
+        }
+    }
+
+    fn atom_result(&mut self, sid: u64, r: proto::AtomResult) {
+        if self.current_attempt(sid, r.attempt, r.build_id, r.subjob_id).is_none() {
+            tracing::info!(slave = sid, build = r.build_id, attempt = r.attempt, "result of a stale attempt ignored");
+            return;
+        }
+        let name = self.slaves[&sid].name.clone();
+        let Some(b) = self.builds.get_mut(&r.build_id) else { return };
+        if b.state.is_final() {
+            return;
+        }
+        let commands = b.job.as_ref().map(|j| j.commands.clone()).unwrap_or_default();
+        let Some(a) = b
+            .subjobs
+            .get_mut(r.subjob_id as usize)
+            .and_then(|s| s.atoms.get_mut(r.atom_id as usize))
+        else {
+            tracing::warn!(slave = sid, build = r.build_id, "result for an unknown atom ignored");
+            return;
+        };
+        if a.exit_code.is_some() {
+            return;
+        }
+        a.exit_code = Some(r.exit_code);
+        a.actual_time = Some(r.seconds);
+        a.state = proto::AtomState::Completed as i32;
+        a.slave = name;
+        let atom = a.clone();
+        b.completed_atoms += 1;
+        if r.exit_code != 0 {
+            b.failed_atoms += 1;
+        }
+        if let Err(e) = self.store.put_atom(r.build_id, &atom) {
+            tracing::error!(build = r.build_id, error = %e, "could not store atom result");
+        }
+        let _ = self.results.send(ResultsJob::Promote {
+            build: r.build_id,
+            attempt: r.attempt,
+            subjob: r.subjob_id,
+            atom: r.atom_id,
+            command: jobconfig::atom_command(&atom.command_string, &commands),
+            exit_code: r.exit_code,
+            seconds: r.seconds,
+        });
+        self.notify(r.build_id);
+    }
+
+    fn subjob_done(&mut self, sid: u64, d: proto::SubjobDone) {
+        let Some(att) = self.current_attempt(sid, d.attempt, d.build_id, d.subjob_id) else {
+            return;
+        };
+        self.attempts.remove(&d.attempt);
+        self.release(att);
+        self.settle_subjob(att.build, att.subjob);
+        self.check_complete(att.build);
+    }
+
+    /// Frees the executor slot and build-local index of an attempt.
+    fn release(&mut self, att: Attempt) {
+        self.free_slot(att.slave, att.slot);
+        if let Some(b) = self.builds.get_mut(&att.build) {
+            b.executors_in_use = b.executors_in_use.saturating_sub(1);
+            if let Some(sb) = b.slaves.get_mut(&att.slave) {
+                sb.free_local.insert(att.local);
+            }
+        }
+    }
+
+    /// After an attempt ended (done or lost): the subjob is complete, or its remaining atoms go
+    /// back to the front of the queue.
+    fn settle_subjob(&mut self, id: u64, subjob: u32) {
+        let Some(b) = self.builds.get_mut(&id) else { return };
+        let Some(s) = b.subjobs.get_mut(subjob as usize) else { return };
+        s.running = None;
+        if b.state.is_final() || s.completed {
+            return;
+        }
+        if s.atoms.iter().all(|a| a.exit_code.is_some()) {
+            s.completed = true;
+            b.completed_subjobs += 1;
+        } else {
+            for a in s.atoms.iter_mut().filter(|a| a.exit_code.is_none()) {
+                a.state = proto::AtomState::NotStarted as i32;
+            }
+            b.pending.push_front(subjob);
+        }
+        self.notify(id);
+    }
+
+    /// Starts post-build work once every subjob is complete.
+    fn check_complete(&mut self, id: u64) {
+        let Some(b) = self.builds.get_mut(&id) else { return };
+        if b.archiving || !matches!(b.state, BuildState::Prepared | BuildState::Building) {
+            return;
+        }
+        if b.completed_subjobs as usize != b.subjobs.len() {
+            return;
+        }
+        b.archiving = true;
+        let (dirs, failures) = b.artifact_dirs();
+        let (tx, rx) = oneshot::channel();
+        let _ = self.results.send(ResultsJob::Archive {
+            build: id,
+            dirs,
+            failures,
+            done: tx,
+        });
+        let back = self.self_tx.clone();
+        tokio::spawn(async move {
+            let outcome = rx.await.unwrap_or_else(|_| Err("results queue stopped".into()));
+            if let Some(tx) = back.upgrade() {
+                let _ = tx.send(Command::ArchivesWritten(id, outcome)).await;
+            }
+        });
+    }
+
+    fn archives_written(&mut self, id: u64, outcome: std::result::Result<(), String>) {
+        let Some(b) = self.builds.get_mut(&id) else { return };
+        b.archiving = false;
+        if b.state.is_final() {
+            return;
+        }
+        if let Err(e) = outcome {
+            let msg = format!("Postbuild tasks failed due to an internal error: \"{e}\"");
+            self.end_build(id, BuildEvent::Fail, msg);
+            return;
+        }
+        b.artifacts_ready = true;
+        b.result = if b.failed_atoms == 0 {
+            proto::BuildResult::NoFailures
+        } else {
+            proto::BuildResult::Failure
+        };
+        // Times of passing atoms are good history even when other atoms failed.
+        let times: HashMap<String, f64> = b
+            .subjobs
+            .iter()
+            .flat_map(|s| &s.atoms)
+            .filter(|a| a.exit_code == Some(0))
+            .filter_map(|a| Some((a.command_string.clone(), a.actual_time?)))
+            .collect();
+        let (key, job) = (b.project_key.clone(), b.job_name());
+        if let Err(e) = self.store.merge_timings(&key, &job, &times) {
+            tracing::warn!(build = id, error = %e, "could not update timing history");
+        }
+        self.end_build(id, BuildEvent::Finish, String::new());
+    }
+
+    /// Moves a build to a final state and releases everything it holds on slaves.
+    fn end_build(&mut self, id: u64, event: BuildEvent, error: String) {
+        let Some(b) = self.builds.get_mut(&id) else { return };
+        if !b.transition(event) {
+            return;
+        }
+        match event {
+            BuildEvent::Cancel => b.result = proto::BuildResult::Failure,
+            BuildEvent::Fail => {
+                b.error = error;
+                b.result = proto::BuildResult::Unspecified;
+            }
+            _ => {}
+        }
+        tracing::info!(build = id, state = ?b.state, "build ended");
+        b.pending.clear();
+        self.active.remove(&id);
+        // Kill what still runs; executor slots come back when the slaves report the subjobs done.
+        let mut cancel_on: BTreeSet<u64> = self
+            .attempts
+            .values()
+            .filter(|a| a.build == id)
+            .map(|a| a.slave)
+            .collect();
+        let b = self.builds.get_mut(&id).expect("checked above");
+        cancel_on.extend(b.preparing_on);
+        let teardown_on: Vec<u64> = b
+            .slaves
+            .iter_mut()
+            .filter(|(_, sb)| matches!(sb.state, SlaveBuildState::Prepared | SlaveBuildState::SettingUp | SlaveBuildState::Ready))
+            .map(|(sid, sb)| {
+                sb.state = SlaveBuildState::TornDown;
+                *sid
+            })
+            .collect();
+        if event != BuildEvent::Finish {
+            for &sid in &cancel_on {
+                self.send(sid, Down::Cancel(proto::CancelBuild { build_id: id }));
+            }
+        }
+        for sid in teardown_on {
+            self.send(sid, Down::Teardown(proto::Teardown { build_id: id }));
+        }
+        self.persist(id);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.flush().await {
+                tracing::error!(build = id, error = %e, "could not flush the database");
+            }
+        });
+        self.notify(id);
+    }
+
+    /// Forgets a slave and puts its work back in the queue.
+    fn lose_slave(&mut self, sid: u64, why: &str) {
+        let Some(slave) = self.slaves.remove(&sid) else { return };
+        tracing::warn!(slave = sid, name = %slave.name, why, "slave removed");
+        for (_, work) in slave.busy {
+            match work {
+                Work::Prepare(id) => {
+                    let max = self.cfg.max_prepare_attempts;
+                    let Some(b) = self.builds.get_mut(&id) else { continue };
+                    if b.state != BuildState::Preparing || b.preparing_on != Some(sid) {
+                        continue;
+                    }
+                    b.preparing_on = None;
+                    b.prepare_attempts += 1;
+                    if b.prepare_attempts >= max {
+                        let msg = format!("Preparation was interrupted {max} times (slaves lost); giving up.");
+                        self.end_build(id, BuildEvent::Fail, msg);
+                    } else {
+                        b.transition(BuildEvent::Requeue);
+                        self.persist(id);
+                        self.notify(id);
+                    }
+                }
+                Work::Subjob(attempt) => {
+                    if let Some(att) = self.attempts.remove(&attempt) {
+                        if let Some(b) = self.builds.get_mut(&att.build) {
+                            b.executors_in_use = b.executors_in_use.saturating_sub(1);
+                        }
+                        self.settle_subjob(att.build, att.subjob);
+                        self.check_complete(att.build);
+                    }
+                }
+            }
+        }
+        for b in self.builds.values_mut() {
+            b.slaves.remove(&sid);
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let timeout = self.cfg.heartbeat_timeout;
+        let silent: Vec<u64> = self
+            .slaves
+            .values()
+            .filter(|s| now.saturating_duration_since(s.last_seen) > timeout)
+            .map(|s| s.id)
+            .collect();
+        for sid in silent {
+            self.lose_slave(sid, "its heartbeats stopped");
+        }
+    }
+
+    // ----- scheduling ------------------------------------------------------------------------
+
+    /// Starts every piece of work that can start now: preparations of queued builds, setups on
+    /// slaves a build needs, and subjobs on free executors. Builds are served oldest first.
+    fn schedule(&mut self) {
+        let ids: Vec<u64> = self.active.iter().copied().collect();
+        for id in ids {
+            if !self.slaves.values().any(|s| !s.draining && !s.free_slots.is_empty()) {
+                return;
+            }
+            match self.builds.get(&id).map(|b| b.state) {
+                Some(BuildState::Queued) => self.start_prepare(id),
+                Some(BuildState::Prepared | BuildState::Building) => self.dispatch(id),
+                _ => {}
+            }
+        }
+    }
+
+    /// Slave with the most free executors (ties: lowest id), optionally filtered.
+    fn pick_slave(&self, ok: impl Fn(&Slave) -> bool) -> Option<u64> {
+        self.slaves
+            .values()
+            .filter(|s| !s.draining && !s.free_slots.is_empty() && ok(s))
+            .max_by_key(|s| (s.free_slots.len(), std::cmp::Reverse(s.id)))
+            .map(|s| s.id)
+    }
+
+    fn start_prepare(&mut self, id: u64) {
+        let Some(sid) = self.pick_slave(|_| true) else { return };
+        let b = self.builds.get_mut(&id).expect("active build");
+        if !b.transition(BuildEvent::StartPrepare) {
+            return;
+        }
+        b.preparing_on = Some(sid);
+        let req = &b.request;
+        let msg = proto::Prepare {
+            build_id: id,
+            project: Some(proto::ProjectSpec {
+                source: req.source.clone(),
+                project_directory: req.project_directory.clone(),
+                commit: String::new(),
+                remote_files: req.remote_files.clone(),
+            }),
+            job_name: req.job_name.clone(),
+            config_json: req.config_json.clone(),
+            atoms_override: req.atoms_override.clone(),
+            env: req.env.clone(),
+        };
+        let slave = self.slaves.get_mut(&sid).expect("picked");
+        let slot = slave.free_slots.pop_first().expect("picked with a free slot");
+        slave.busy.insert(slot, Work::Prepare(id));
+        tracing::info!(build = id, slave = sid, "preparing build");
+        self.persist(id);
+        self.notify(id);
+        self.send(sid, Down::Prepare(msg));
+    }
+
+    fn dispatch(&mut self, id: u64) {
+        // 1. Fill free executors of slaves already set up for the build.
+        let ready: Vec<u64> = self.builds[&id]
+            .slaves
+            .iter()
+            .filter(|(_, sb)| sb.state == SlaveBuildState::Ready)
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in ready {
+            while self.can_dispatch(id, sid) {
+                if !self.dispatch_one(id, sid) {
+                    break;
+                }
+            }
+        }
+        // 2. Set up more slaves while the build could use more executors than it has.
+        loop {
+            let b = &self.builds[&id];
+            let running = b.subjobs.iter().filter(|s| s.running.is_some()).count() as u64;
+            let wanted = u64::from(b.max_executors()).min(b.pending.len() as u64 + running);
+            let allocated: u64 = b
+                .slaves
+                .values()
+                .filter(|sb| matches!(sb.state, SlaveBuildState::SettingUp | SlaveBuildState::Ready))
+                .map(|sb| u64::from(sb.cap))
+                .sum();
+            if b.pending.is_empty() || allocated >= wanted {
+                return;
+            }
+            let Some(sid) = self.pick_slave(|s| {
+                b.slaves
+                    .get(&s.id)
+                    .is_none_or(|sb| sb.state == SlaveBuildState::Prepared)
+            }) else {
+                return;
+            };
+            self.start_setup(id, sid);
+        }
+    }
+
+    fn start_setup(&mut self, id: u64, sid: u64) {
+        let slave_executors = self.slaves[&sid].executors;
+        let b = self.builds.get_mut(&id).expect("active build");
+        let cap = slave_executors.min(b.max_per_slave());
+        let start_index = b.next_executor_index;
+        b.next_executor_index += cap;
+        b.slaves.insert(
+            sid,
+            SlaveBuild {
+                state: SlaveBuildState::SettingUp,
+                start_index,
+                cap,
+                free_local: (0..cap).collect(),
+            },
+        );
+        let req = &b.request;
+        let msg = proto::Setup {
+            build_id: id,
+            project: Some(proto::ProjectSpec {
+                source: req.source.clone(),
+                project_directory: req.project_directory.clone(),
+                commit: b.commit.clone(),
+                remote_files: req.remote_files.clone(),
+            }),
+            job: b.job.clone(),
+            env: req.env.clone(),
+        };
+        tracing::info!(build = id, slave = sid, start_index, cap, "setting up slave");
+        self.send(sid, Down::Setup(msg));
+    }
+
+    fn can_dispatch(&self, id: u64, sid: u64) -> bool {
+        let (Some(b), Some(s)) = (self.builds.get(&id), self.slaves.get(&sid)) else {
+            return false;
+        };
+        let Some(sb) = b.slaves.get(&sid) else { return false };
+        !s.draining
+            && !s.free_slots.is_empty()
+            && !b.pending.is_empty()
+            && sb.state == SlaveBuildState::Ready
+            && !sb.free_local.is_empty()
+            && b.executors_in_use < b.max_executors()
+    }
+
+    fn dispatch_one(&mut self, id: u64, sid: u64) -> bool {
+        let attempt = self.next_attempt;
+        self.next_attempt += 1;
+        let slave = self.slaves.get_mut(&sid).expect("checked");
+        let slot = slave.free_slots.pop_first().expect("checked");
+        slave.busy.insert(slot, Work::Subjob(attempt));
+        let name = slave.name.clone();
+        let b = self.builds.get_mut(&id).expect("checked");
+        let subjob = b.pending.pop_front().expect("checked");
+        let sb = b.slaves.get_mut(&sid).expect("checked");
+        let local = sb.free_local.pop_first().expect("checked");
+        let build_executor_index = sb.start_index + local;
+        b.executors_in_use += 1;
+        if b.state == BuildState::Prepared {
+            b.transition(BuildEvent::StartBuilding);
+            self.persist(id);
+        }
+        let b = self.builds.get_mut(&id).expect("checked");
+        let s = &mut b.subjobs[subjob as usize];
+        s.running = Some(attempt);
+        s.attempts += 1;
+        s.slave = name;
+        let atoms = s
+            .atoms
+            .iter_mut()
+            .filter(|a| a.exit_code.is_none())
+            .map(|a| {
+                a.state = proto::AtomState::InProgress as i32;
+                proto::AtomWork {
+                    atom_id: a.id,
+                    command_string: a.command_string.clone(),
+                }
+            })
+            .collect();
+        self.attempts.insert(
+            attempt,
+            Attempt {
+                build: id,
+                subjob,
+                slave: sid,
+                slot,
+                local,
+            },
+        );
+        self.notify(id);
+        self.send(
+            sid,
+            Down::RunSubjob(proto::RunSubjob {
+                build_id: id,
+                subjob_id: subjob,
+                attempt,
+                atoms,
+                executor_index: slot,
+                build_executor_index,
+            }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

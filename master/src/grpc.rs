@@ -1,0 +1,595 @@
+//! The master's gRPC services. Thin: each call becomes a [`Command`] to the core; the only work
+//! done here is moving bytes (console chunks and artifact uploads to disk, downloads from disk).
+use crate::actor::MasterHandle;
+use crate::core::{Command, ConsoleLocation};
+use crate::error::MasterError;
+use crate::results::ArchiveKind;
+use ish_core::proto::{self, slave_message::Msg as Up};
+use ish_core::{console, paths};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Bytes per message when streaming files to clients.
+const DOWNLOAD_CHUNK: usize = 256 * 1024;
+
+/// The slave link: sessions and artifact uploads.
+#[derive(Debug, Clone)]
+pub struct SlaveLinkService {
+    handle: MasterHandle,
+    queue_capacity: usize,
+    max_atom_bytes: u64,
+}
+
+impl SlaveLinkService {
+    /// A service over the core behind `handle`.
+    pub fn new(handle: MasterHandle, queue_capacity: usize, max_atom_bytes: u64) -> Self {
+        Self {
+            handle,
+            queue_capacity,
+            max_atom_bytes,
+        }
+    }
+}
+
+/// Open console files of one slave's running atoms, keyed by attempt and atom.
+#[derive(Default)]
+struct ConsoleFiles {
+    open: HashMap<(u64, u32), tokio::fs::File>,
+}
+
+impl ConsoleFiles {
+    async fn append(
+        &mut self,
+        handle: &MasterHandle,
+        slave: u64,
+        c: proto::ConsoleChunk,
+    ) -> Result<(), MasterError> {
+        let key = (c.attempt, c.atom_id);
+        if !self.open.contains_key(&key) {
+            let dir = handle
+                .call(|reply| Command::UploadTarget {
+                    slave,
+                    build: c.build_id,
+                    subjob: c.subjob_id,
+                    atom: c.atom_id,
+                    attempt: c.attempt,
+                    reply,
+                })
+                .await?;
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| MasterError::io("creating console directory", e))?;
+            let f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(crate::results::CONSOLE_FILE))
+                .await
+                .map_err(|e| MasterError::io("opening console file", e))?;
+            self.open.insert(key, f);
+        }
+        let f = self.open.get_mut(&key).expect("inserted above");
+        f.write_all(&c.data)
+            .await
+            .map_err(|e| MasterError::io("writing console", e))?;
+        Ok(())
+    }
+
+    /// Makes an atom's console complete on disk before its result is recorded.
+    async fn close(&mut self, attempt: u64, atom: u32) {
+        if let Some(mut f) = self.open.remove(&(attempt, atom)) {
+            let _ = f.flush().await;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::slave_link_server::SlaveLink for SlaveLinkService {
+    type SessionStream = BoxStream<proto::MasterMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::SlaveMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let reg = match inbound.message().await? {
+            Some(proto::SlaveMessage {
+                msg: Some(Up::Register(r)),
+            }) => r,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be Register",
+                ));
+            }
+        };
+        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        let sid = self
+            .handle
+            .call(|reply| Command::SlaveConnected(reg, tx, reply))
+            .await?;
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let mut consoles = ConsoleFiles::default();
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(proto::SlaveMessage { msg: Some(m) })) => m,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(slave = sid, error = %e, "slave stream failed");
+                        break;
+                    }
+                };
+                let forward = match msg {
+                    Up::Console(c) => {
+                        if let Err(e) = consoles.append(&handle, sid, c).await {
+                            tracing::debug!(slave = sid, error = %e, "console chunk dropped");
+                        }
+                        None
+                    }
+                    Up::AtomResult(r) => {
+                        consoles.close(r.attempt, r.atom_id).await;
+                        Some(Up::AtomResult(r))
+                    }
+                    other => Some(other),
+                };
+                if let Some(m) = forward
+                    && handle.tell(Command::FromSlave(sid, m)).await.is_err()
+                {
+                    break;
+                }
+            }
+            let _ = handle.tell(Command::SlaveDisconnected(sid)).await;
+        });
+        let out = ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            out, Ok,
+        ))))
+    }
+
+    async fn upload_artifacts(
+        &self,
+        request: Request<Streaming<proto::ArtifactChunk>>,
+    ) -> Result<Response<proto::UploadReceipt>, Status> {
+        use proto::artifact_chunk::Msg;
+        let mut inbound = request.into_inner();
+        let header = match inbound.message().await? {
+            Some(proto::ArtifactChunk {
+                msg: Some(Msg::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of an upload must be UploadHeader",
+                ));
+            }
+        };
+        let dir = self
+            .handle
+            .call(|reply| Command::UploadTarget {
+                slave: header.slave_id,
+                build: header.build_id,
+                subjob: header.subjob_id,
+                atom: header.atom_id,
+                attempt: header.attempt,
+                reply,
+            })
+            .await?;
+        let mut receipt = proto::UploadReceipt::default();
+        let mut current: Option<(String, tokio::fs::File)> = None;
+        while let Some(chunk) = inbound.message().await? {
+            let Some(Msg::File(f)) = chunk.msg else {
+                return Err(Status::invalid_argument(
+                    "only FileChunk may follow the header",
+                ));
+            };
+            receipt.bytes += f.data.len() as u64;
+            if receipt.bytes > self.max_atom_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "artifacts of one atom exceed {} bytes",
+                    self.max_atom_bytes
+                )));
+            }
+            let same = current.as_ref().is_some_and(|(p, _)| *p == f.path);
+            if !same {
+                let rel = paths::safe_relative_path(&f.path).ok_or_else(|| {
+                    Status::invalid_argument(format!("unsafe artifact path {:?}", f.path))
+                })?;
+                let path = dir.join(rel);
+                if let Some(parent) = path.parent() {
+                    tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                        Status::from(MasterError::io("creating artifact directory", e))
+                    })?;
+                }
+                let file = tokio::fs::File::create(&path)
+                    .await
+                    .map_err(|e| Status::from(MasterError::io("creating artifact file", e)))?;
+                receipt.files += 1;
+                current = Some((f.path.clone(), file));
+            }
+            let (_, file) = current.as_mut().expect("set above");
+            file.write_all(&f.data)
+                .await
+                .map_err(|e| Status::from(MasterError::io("writing artifact", e)))?;
+            if f.last {
+                let (_, mut file) = current.take().expect("set above");
+                file.flush()
+                    .await
+                    .map_err(|e| Status::from(MasterError::io("writing artifact", e)))?;
+            }
+        }
+        if let Some((_, mut file)) = current {
+            file.flush()
+                .await
+                .map_err(|e| Status::from(MasterError::io("writing artifact", e)))?;
+        }
+        Ok(Response::new(receipt))
+    }
+}
+
+/// The client-facing build service.
+#[derive(Debug, Clone)]
+pub struct BuildsService {
+    handle: MasterHandle,
+}
+
+impl BuildsService {
+    /// A service over the core behind `handle`.
+    pub fn new(handle: MasterHandle) -> Self {
+        Self { handle }
+    }
+}
+
+async fn read_from(path: &PathBuf, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    f.seek(std::io::SeekFrom::Start(offset)).await?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).await?;
+    Ok(buf)
+}
+
+#[tonic::async_trait]
+impl proto::builds_server::Builds for BuildsService {
+    async fn submit(
+        &self,
+        request: Request<proto::SubmitBuildRequest>,
+    ) -> Result<Response<proto::SubmitBuildResponse>, Status> {
+        let req = request
+            .into_inner()
+            .request
+            .ok_or_else(|| Status::invalid_argument("request is required"))?;
+        let build_id = self.handle.call(|r| Command::Submit(req, r)).await?;
+        Ok(Response::new(proto::SubmitBuildResponse { build_id }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<proto::GetBuildRequest>,
+    ) -> Result<Response<proto::Build>, Status> {
+        let id = request.into_inner().build_id;
+        Ok(Response::new(
+            self.handle.call(|r| Command::GetBuild(id, r)).await?,
+        ))
+    }
+
+    async fn list(
+        &self,
+        request: Request<proto::ListBuildsRequest>,
+    ) -> Result<Response<proto::ListBuildsResponse>, Status> {
+        let q = request.into_inner();
+        let resp = self
+            .handle
+            .call(|reply| Command::ListBuilds {
+                offset: q.offset,
+                limit: q.limit,
+                unfinished_only: q.unfinished_only,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<proto::CancelBuildRequest>,
+    ) -> Result<Response<proto::Build>, Status> {
+        let id = request.into_inner().build_id;
+        Ok(Response::new(
+            self.handle.call(|r| Command::Cancel(id, r)).await?,
+        ))
+    }
+
+    async fn list_subjobs(
+        &self,
+        request: Request<proto::ListSubjobsRequest>,
+    ) -> Result<Response<proto::ListSubjobsResponse>, Status> {
+        let q = request.into_inner();
+        let resp = self
+            .handle
+            .call(|reply| Command::ListSubjobs {
+                build: q.build_id,
+                offset: q.offset,
+                limit: q.limit,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn get_console(
+        &self,
+        request: Request<proto::GetConsoleRequest>,
+    ) -> Result<Response<proto::ConsolePage>, Status> {
+        let q = request.into_inner();
+        let loc = self
+            .console_location(q.build_id, q.subjob_id, q.atom_id)
+            .await?;
+        let data = read_from(&loc.path, 0)
+            .await
+            .map_err(|e| Status::from(MasterError::io("reading console", e)))?;
+        let max_lines = if q.max_lines == 0 {
+            console::DEFAULT_MAX_LINES
+        } else {
+            u64::from(q.max_lines)
+        };
+        let page = console::page(&data, max_lines, q.offset_line)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(proto::ConsolePage {
+            offset_line: page.offset_line,
+            num_lines: page.num_lines,
+            total_num_lines: page.total_num_lines,
+            content: page.content,
+        }))
+    }
+
+    type TailConsoleStream = BoxStream<proto::ConsoleData>;
+
+    async fn tail_console(
+        &self,
+        request: Request<proto::TailConsoleRequest>,
+    ) -> Result<Response<Self::TailConsoleStream>, Status> {
+        let q = request.into_inner();
+        let mut changes = self.handle.subscribe();
+        let first = self
+            .console_location(q.build_id, q.subjob_id, q.atom_id)
+            .await?;
+        let handle = self.handle.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut loc = first;
+            let mut offset = 0u64;
+            loop {
+                let data = match read_from(&loc.path, offset).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::from(MasterError::io("reading console", e))))
+                            .await;
+                        return;
+                    }
+                };
+                offset += data.len() as u64;
+                for piece in data.chunks(DOWNLOAD_CHUNK) {
+                    if tx
+                        .send(Ok(proto::ConsoleData {
+                            data: piece.to_vec(),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                if loc.complete || !q.follow {
+                    return;
+                }
+                // Wake on any change of the build, or poll: console bytes do not notify.
+                let wait = async {
+                    loop {
+                        match changes.recv().await {
+                            Ok(id) if id == q.build_id => return,
+                            Ok(_) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(_) => std::future::pending::<()>().await,
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(200), wait).await;
+                match handle
+                    .call(|reply| Command::Console {
+                        build: q.build_id,
+                        subjob: q.subjob_id,
+                        atom: q.atom_id,
+                        reply,
+                    })
+                    .await
+                {
+                    // The atom completed: its file moved from the attempt dir; continue there.
+                    Ok(next) => loc = next,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type WatchStream = BoxStream<proto::BuildUpdate>;
+
+    async fn watch(
+        &self,
+        request: Request<proto::WatchBuildRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.into_inner().build_id;
+        let mut changes = self.handle.subscribe();
+        let first = self.handle.call(|r| Command::GetBuild(id, r)).await?;
+        let handle = self.handle.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut build = first;
+            loop {
+                let done = is_final(&build);
+                if tx
+                    .send(Ok(proto::BuildUpdate { build: Some(build) }))
+                    .await
+                    .is_err()
+                    || done
+                {
+                    return;
+                }
+                loop {
+                    match changes.recv().await {
+                        Ok(changed) if changed == id => break,
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+                match handle.call(|r| Command::GetBuild(id, r)).await {
+                    Ok(b) => build = b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type DownloadArtifactsStream = BoxStream<proto::DataChunk>;
+
+    async fn download_artifacts(
+        &self,
+        request: Request<proto::DownloadArtifactsRequest>,
+    ) -> Result<Response<Self::DownloadArtifactsStream>, Status> {
+        let q = request.into_inner();
+        let kind = match proto::ArchiveFormat::try_from(q.format).unwrap_or_default() {
+            proto::ArchiveFormat::TarGz => ArchiveKind::TarGz,
+            _ => ArchiveKind::Zip,
+        };
+        let path = self
+            .handle
+            .call(|r| Command::Archive(q.build_id, kind, r))
+            .await?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Status::from(MasterError::io("opening archive", e)))?;
+        let total_size = file
+            .metadata()
+            .await
+            .map_err(|e| Status::from(MasterError::io("reading archive", e)))?
+            .len();
+        if q.offset > total_size {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the end ({total_size})",
+                q.offset
+            )));
+        }
+        file.seek(std::io::SeekFrom::Start(q.offset))
+            .await
+            .map_err(|e| Status::from(MasterError::io("reading archive", e)))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; DOWNLOAD_CHUNK];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let chunk = proto::DataChunk {
+                            data: buf[..n].to_vec(),
+                            total_size,
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::from(MasterError::io("reading archive", e))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl BuildsService {
+    async fn console_location(
+        &self,
+        build: u64,
+        subjob: u32,
+        atom: u32,
+    ) -> Result<ConsoleLocation, Status> {
+        Ok(self
+            .handle
+            .call(|reply| Command::Console {
+                build,
+                subjob,
+                atom,
+                reply,
+            })
+            .await?)
+    }
+}
+
+fn is_final(b: &proto::Build) -> bool {
+    matches!(
+        proto::BuildState::try_from(b.state),
+        Ok(proto::BuildState::Finished | proto::BuildState::Error | proto::BuildState::Canceled)
+    )
+}
+
+/// Cluster operations.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    handle: MasterHandle,
+}
+
+impl ClusterService {
+    /// A service over the core behind `handle`.
+    pub fn new(handle: MasterHandle) -> Self {
+        Self { handle }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::cluster_server::Cluster for ClusterService {
+    async fn list_slaves(
+        &self,
+        _request: Request<proto::ListSlavesRequest>,
+    ) -> Result<Response<proto::ListSlavesResponse>, Status> {
+        Ok(Response::new(self.handle.call(Command::ListSlaves).await?))
+    }
+
+    async fn drain_slaves(
+        &self,
+        request: Request<proto::DrainSlavesRequest>,
+    ) -> Result<Response<proto::DrainSlavesResponse>, Status> {
+        let q = request.into_inner();
+        let slave_ids = self
+            .handle
+            .call(|reply| Command::Drain {
+                ids: q.slave_ids,
+                all: q.all,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(proto::DrainSlavesResponse { slave_ids }))
+    }
+}

@@ -1,0 +1,99 @@
+//! Slave settings. Every field has a documented default; `conf/slave.toml` shows them all.
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Settings of the slave role.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlaveConfig {
+    /// gRPC URL of the master. Default `http://127.0.0.1:43100`.
+    pub master: String,
+    /// Number of executors (subjobs run at once). Default: the number of CPUs.
+    pub executors: u32,
+    /// Directory for the repo cache and build workspaces. Default `~/.ish/slave`.
+    pub data_dir: PathBuf,
+    /// Name in the cluster. Default `<hostname>-<pid>`.
+    pub name: Option<String>,
+    /// Cluster secret (also `--secret` / `ISH_SECRET`). Required.
+    pub secret: Option<String>,
+    /// Free-form labels reported to the master.
+    pub labels: HashMap<String, String>,
+    /// Time between TERM and KILL when stopping a build's processes, in milliseconds. Default 3000.
+    pub kill_grace_ms: u64,
+    /// Longest wait between two attempts to reach the master, in milliseconds. Default 5000.
+    pub max_reconnect_delay_ms: u64,
+    /// The master is considered gone after this long without a message from it, in
+    /// milliseconds. Default 20000.
+    pub master_timeout_ms: u64,
+    /// Largest atomizer output accepted, in bytes. Default 64 MiB.
+    pub max_atomizer_output: usize,
+    /// How long `teardown_build` may run on shutdown, in milliseconds. Default 30000.
+    pub shutdown_teardown_ms: u64,
+    /// Credentials for git remotes.
+    pub git: GitConfig,
+}
+
+/// Credentials for git remotes (ssh agent and default keys are always tried).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitConfig {
+    /// Private key for ssh remotes. Default: ssh-agent, then `~/.ssh/id_ed25519`, `~/.ssh/id_rsa`.
+    pub ssh_key: Option<PathBuf>,
+    /// Passphrase of `ssh_key`.
+    pub ssh_key_passphrase: Option<String>,
+    /// User name for https remotes. Default: the URL's user, or `x-access-token`.
+    pub https_username: Option<String>,
+    /// Token or password for https remotes.
+    pub https_token: Option<String>,
+}
+
+impl Default for SlaveConfig {
+    fn default() -> Self {
+        Self {
+            master: "http://127.0.0.1:43100".into(),
+            executors: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            data_dir: std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join(".ish")
+                .join("slave"),
+            name: None,
+            secret: None,
+            labels: HashMap::new(),
+            kill_grace_ms: 3_000,
+            max_reconnect_delay_ms: 5_000,
+            master_timeout_ms: 20_000,
+            max_atomizer_output: 64 << 20,
+            shutdown_teardown_ms: 30_000,
+            git: GitConfig::default(),
+        }
+    }
+}
+
+impl SlaveConfig {
+    /// The configured name, or `<hostname>-<pid>`.
+    pub fn effective_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "slave".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+impl From<&GitConfig> for crate::git::GitCredentials {
+    fn from(g: &GitConfig) -> Self {
+        Self {
+            ssh_key: g.ssh_key.clone(),
+            ssh_key_passphrase: g.ssh_key_passphrase.clone(),
+            https_username: g.https_username.clone(),
+            https_token: g.https_token.clone(),
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Runs one shell command the way ClusterRunner runs atoms: `bash -c 'set -o pipefail; …'` in its
+//! own process group, stdout and stderr interleaved into one pipe, streamed as it is written.
+//!
+//! Cancel sends TERM to the whole process group and KILL after a grace period. When the command's
+//! main process exits, anything it left running in its group is killed too: an atom's processes
+//! never outlive it (a background `sleep 100 &` would otherwise hold the output pipe open).
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Largest piece of output read at once (and so the largest console message).
+pub const CHUNK: usize = 64 * 1024;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    /// Shell script (bash syntax).
+    pub script: String,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Extra environment, added to the slave's own.
+    pub env: Vec<(String, String)>,
+}
+
+/// How it ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outcome {
+    /// Exit code; `-N` when killed by signal N.
+    pub exit_code: i32,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// True when it was stopped by a cancel.
+    pub canceled: bool,
+}
+
+fn shell() -> (&'static str, bool) {
+    if std::path::Path::new("/bin/bash").exists() {
+        ("/bin/bash", true)
+    } else {
+        ("/bin/sh", false)
+    }
+}
+
+fn signal_group(pgid: i32, sig: Signal) {
+    // ESRCH (group already gone) is the normal case after the leader exited.
+    let _ = killpg(Pid::from_raw(pgid), sig);
+}
+
+/// Runs `spec`, sending its output to `output` as it arrives (dropping output if nobody
+/// listens). Returns when the command and its process group are gone.
+pub async fn run(
+    spec: CommandSpec,
+    output: Option<mpsc::Sender<Vec<u8>>>,
+    cancel: CancellationToken,
+    grace: Duration,
+) -> std::io::Result<Outcome> {
+    let (mut reader, writer) = std::io::pipe()?;
+    let (sh, pipefail) = shell();
+    let script = if pipefail {
+        format!("set -o pipefail; {}", spec.script)
+    } else {
+        spec.script.clone()
+    };
+    let mut cmd = tokio::process::Command::new(sh);
+    cmd.arg("-c")
+        .arg(script)
+        .current_dir(&spec.cwd)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer)
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut child = cmd.spawn()?;
+    // Our copies of the pipe's write end must be closed, or the reader never sees EOF.
+    drop(cmd);
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let pump = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if let Some(tx) = &output {
+                        // A closed receiver just means nobody wants the output any more.
+                        let _ = tx.blocking_send(buf[..n].to_vec());
+                    }
+                }
+            }
+        }
+    });
+    let mut canceled = false;
+    let status = tokio::select! {
+        s = child.wait() => s?,
+        _ = cancel.cancelled() => {
+            canceled = true;
+            signal_group(pgid, Signal::SIGTERM);
+            match tokio::time::timeout(grace, child.wait()).await {
+                Ok(s) => s?,
+                Err(_) => {
+                    signal_group(pgid, Signal::SIGKILL);
+                    child.wait().await?
+                }
+            }
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if pgid > 0 {
+        signal_group(pgid, Signal::SIGKILL);
+    }
+    // A process that left the group (setsid) could keep the pipe open: don't wait forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+    use std::os::unix::process::ExitStatusExt;
+    let exit_code = status
+        .code()
+        .or_else(|| status.signal().map(|s| -s))
+        .unwrap_or(-1);
+    Ok(Outcome {
+        exit_code,
+        seconds,
+        canceled,
+    })
+}
+
+/// Runs `spec` and returns its outcome with the last `keep` bytes of its output (for error
+/// messages of setup, teardown and atomizers).
+pub async fn run_capture(
+    spec: CommandSpec,
+    cancel: CancellationToken,
+    grace: Duration,
+    keep: usize,
+) -> std::io::Result<(Outcome, Vec<u8>)> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    let collect = tokio::spawn(async move {
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            out.extend_from_slice(&chunk);
+            if out.len() > keep.saturating_mul(2).max(CHUNK) {
+                out.drain(..out.len() - keep);
+            }
+        }
+        if out.len() > keep {
+            out.drain(..out.len() - keep);
+        }
+        out
+    });
+    let outcome = run(spec, Some(tx), cancel, grace).await?;
+    let out = collect.await.unwrap_or_default();
+    Ok((outcome, out))
+}
+
+/// Runs `spec` and returns its whole output, refusing to keep more than `limit` bytes (atomizers:
+/// their output IS the atom list, so it must not be cut).
+pub async fn run_collect(
+    spec: CommandSpec,
+    cancel: CancellationToken,
+    grace: Duration,
+    limit: usize,
+) -> std::io::Result<(Outcome, Result<Vec<u8>, usize>)> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    let collect = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        while let Some(chunk) = rx.recv().await {
+            total += chunk.len();
+            if total <= limit {
+                out.extend_from_slice(&chunk);
+            }
+        }
+        if total > limit { Err(total) } else { Ok(out) }
+    });
+    let outcome = run(spec, Some(tx), cancel, grace).await?;
+    let out = collect.await.unwrap_or(Err(0));
+    Ok((outcome, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(script: &str) -> CommandSpec {
+        CommandSpec {
+            script: script.into(),
+            cwd: std::env::temp_dir(),
+            env: vec![("ISH_TEST_VAR".into(), "hello".into())],
+        }
+    }
+
+    /// Dead, or a zombie waiting for an init that does not reap (containers).
+    fn gone(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        }
+    }
+
+    #[tokio::test]
+    async fn output_is_interleaved_and_env_is_set() {
+        let (o, out) = run_capture(
+            spec("echo out-$ISH_TEST_VAR; echo err >&2; echo out2"),
+            CancellationToken::new(),
+            Duration::from_secs(1),
+            1024,
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.exit_code, 0);
+        assert_eq!(String::from_utf8(out).unwrap(), "out-hello\nerr\nout2\n");
+    }
+
+    #[tokio::test]
+    async fn pipefail_is_on() {
+        let (o, _) = run_capture(
+            spec("false | true"),
+            CancellationToken::new(),
+            Duration::from_secs(1),
+            16,
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.exit_code, 1);
+    }
+
+    #[tokio::test]
+    async fn exit_code_is_reported() {
+        let (o, _) = run_capture(
+            spec("exit 3"),
+            CancellationToken::new(),
+            Duration::from_secs(1),
+            16,
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.exit_code, 3);
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let task = tokio::spawn(run_capture(
+            spec(&script),
+            c2,
+            Duration::from_millis(500),
+            16,
+        ));
+        for _ in 0..100 {
+            if pidfile.exists() && !std::fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let t0 = Instant::now();
+        cancel.cancel();
+        let (o, _) = task.await.unwrap().unwrap();
+        assert!(o.canceled);
+        assert!(
+            o.exit_code < 0 || o.exit_code == 143,
+            "exit {}",
+            o.exit_code
+        );
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        // The background sleep is gone too.
+        assert!(gone(pid), "child {pid} survived");
+    }
+
+    #[tokio::test]
+    async fn leftover_background_processes_do_not_hang_the_atom() {
+        let t0 = Instant::now();
+        let (o, out) = run_capture(
+            spec("sleep 30 & echo started"),
+            CancellationToken::new(),
+            Duration::from_secs(1),
+            64,
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.exit_code, 0);
+        assert_eq!(out, b"started\n");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn collect_refuses_oversized_output() {
+        let (_, out) = run_collect(
+            spec("seq 1 100000"),
+            CancellationToken::new(),
+            Duration::from_secs(1),
+            1000,
+        )
+        .await
+        .unwrap();
+        assert!(out.is_err());
+    }
+}
