@@ -3,8 +3,13 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["common.proto", "slave.proto", "builds.proto", "storage.proto"]
-        .map(|f| PathBuf::from("proto/ish/v1").join(f));
+    let files = [
+        "common.proto",
+        "slave.proto",
+        "builds.proto",
+        "storage.proto",
+    ]
+    .map(|f| PathBuf::from("proto/ish/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -1,0 +1,684 @@
+//! In-process cluster tests: a real master, real slaves and real gRPC over 127.0.0.1 in one
+//! process (`LocalCluster`), building real git repositories made in temp dirs and real directories.
+mod support;
+
+use ish_cli::local::{LocalCluster, LocalOptions};
+use ish_core::proto;
+use std::time::{Duration, Instant};
+use support::*;
+
+async fn cluster(slaves: u32, executors: u32) -> (LocalCluster, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = LocalOptions::new(dir.path().to_path_buf(), slaves, executors);
+    opts.master.heartbeat_interval_ms = 200;
+    opts.master.heartbeat_timeout_ms = 3_000;
+    opts.slave.kill_grace_ms = 1_000;
+    let c = LocalCluster::start(opts).await.unwrap();
+    // Wait until every slave is registered so work spreads as the tests expect.
+    let (_, mut cl) = c.clients().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = cl
+            .list_slaves(proto::ListSlavesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .slaves
+            .len();
+        if n == slaves as usize {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slaves did not register");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (c, dir)
+}
+
+/// A job with setup and teardown that leave one line per run in $MARKER/setup and
+/// $MARKER/teardown, 20 atoms that each write an artifact (atom 7 fails).
+const GIT_JOB: &str = r#"
+Build:
+  setup_build:
+    - echo "$ISH_SLAVE_NAME" >> "$MARKER/setup"
+    - echo prepared > "$PROJECT_DIR/setup_done"
+  commands:
+    - test -f "$PROJECT_DIR/setup_done"
+    - mkdir -p "$ARTIFACT_DIR/nested"
+    - echo "token $TOKEN" > "$ARTIFACT_DIR/out.txt"
+    - printf 'x%.0s' $(seq 1 $TOKEN) > "$ARTIFACT_DIR/nested/xs"
+    - echo "hello $TOKEN"
+    - echo "stderr $TOKEN" >&2
+    - test "$TOKEN" != 7
+  atomizers:
+    - TOKEN: seq 1 20
+  teardown_build:
+    - echo "$ISH_SLAVE_NAME" >> "$MARKER/teardown"
+"#;
+
+fn git_job_expect(t: &str) -> AtomExpect {
+    let n: usize = t.parse().unwrap();
+    AtomExpect {
+        console: format!("hello {t}\nstderr {t}\n"),
+        exit_code: if n == 7 { 1 } else { 0 },
+        files: vec![
+            ("nested/xs".into(), "x".repeat(n).into_bytes()),
+            ("out.txt".into(), format!("token {t}\n").into_bytes()),
+        ],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn git_build_with_setup_atoms_artifacts_and_teardown() {
+    let (c, _d) = cluster(2, 2).await;
+    let repo = Repo::new();
+    repo.commit(&[("clusterrunner.yaml", GIT_JOB)], "job");
+    let marker = tempfile::tempdir().unwrap();
+    let (mut b, mut cl) = c.clients().await.unwrap();
+    let mut req = git_request(&repo.url(), "master", "");
+    req.env
+        .insert("MARKER".into(), marker.path().display().to_string());
+    let id = submit(&mut b, req).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.result, proto::BuildResult::Failure as i32);
+    assert_eq!(
+        (build.num_atoms, build.num_subjobs, build.failed_atom_count),
+        (20, 20, 1)
+    );
+    assert_eq!(build.failed_atoms.len(), 1);
+    assert_eq!(build.failed_atoms[0].command_string, "export TOKEN=\"7\";");
+    assert_eq!(build.commit.len(), 40);
+    check_archives(&mut b, id, git_job_expect).await;
+    // Setup ran once on every slave that ran atoms; teardown once on each of those.
+    let sjs = subjobs(&mut b, id).await;
+    let mut ran_on: Vec<String> = sjs
+        .iter()
+        .flat_map(|s| s.atoms.iter().map(|a| a.slave.clone()))
+        .collect();
+    ran_on.sort();
+    ran_on.dedup();
+    assert_eq!(ran_on, ["local-0", "local-1"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while marker_lines(&marker.path().join("teardown")).len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(marker_lines(&marker.path().join("setup")), ran_on);
+    assert_eq!(marker_lines(&marker.path().join("teardown")), ran_on);
+    // Both slaves are free again.
+    let slaves = cl
+        .list_slaves(proto::ListSlavesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .slaves;
+    assert!(
+        slaves.iter().all(|s| s.executors_in_use == 0),
+        "{slaves:#?}"
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn directory_build_runs_setup_and_teardown_once_per_slave_in_the_project() {
+    let (c, _d) = cluster(2, 2).await;
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        r#"
+Dir:
+  setup_build: ['echo "$ISH_SLAVE_NAME" >> "$PROJECT_DIR/setup.log"']
+  commands: ['echo "dir $TOKEN" > "$ARTIFACT_DIR/r.txt"', 'echo "in $(pwd)"']
+  atomizers: [{TOKEN: 'for i in a b c d e f; do echo $i; done'}]
+  teardown_build: ['echo "$ISH_SLAVE_NAME" >> "$PROJECT_DIR/teardown.log"']
+"#,
+    )
+    .unwrap();
+    let (mut b, _) = c.clients().await.unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    assert_eq!(build.project_dir, project.path().display().to_string());
+    let pwd = project.path().display().to_string();
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("in {pwd}\n"),
+        exit_code: 0,
+        files: vec![("r.txt".into(), format!("dir {t}\n").into_bytes())],
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while marker_lines(&project.path().join("teardown.log")).len() < 2 && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        marker_lines(&project.path().join("setup.log")),
+        ["local-0", "local-1"]
+    );
+    assert_eq!(
+        marker_lines(&project.path().join("teardown.log")),
+        ["local-0", "local-1"]
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inline_config_job_name_selection_and_atoms_override() {
+    let (c, _d) = cluster(1, 2).await;
+    let repo = Repo::new();
+    repo.commit(
+        &[(
+            "clusterrunner.yaml",
+            r#"
+First:
+  commands: ['echo first $V']
+  atomizers: [{V: 'echo 1'}]
+Second:
+  commands: ['echo second $V']
+  atomizers: [{V: 'printf "p\nq\n"'}]
+Third:
+  commands: ['echo third $V']
+  atomizers: [{V: 'exit 1'}]
+"#,
+        )],
+        "jobs",
+    );
+    let (mut b, _) = c.clients().await.unwrap();
+
+    // job_name selects one job among several.
+    let mut req = git_request(&repo.url(), "", "");
+    req.job_name = "Second".into();
+    let id = submit(&mut b, req).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(build.job_name, "Second");
+    assert_eq!(build.command, "echo second $V");
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("second {t}\n"),
+        exit_code: 0,
+        files: vec![],
+    })
+    .await;
+
+    // Without job_name: ClusterRunner's message, build in ERROR.
+    let id = submit(&mut b, git_request(&repo.url(), "", "")).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Error);
+    assert_eq!(
+        build.error_message,
+        "Multiple jobs are defined in this project but you did not specify one. Specify one of the following job names: ['First', 'Second', 'Third']"
+    );
+
+    // atoms_override: the atomizer (which would fail) is not run.
+    let mut req = git_request(&repo.url(), "", "");
+    req.job_name = "Third".into();
+    req.atoms_override = vec!["export V=\"x\";".into(), "export V=\"y\";".into()];
+    let id = submit(&mut b, req).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("third {t}\n"),
+        exit_code: 0,
+        files: vec![],
+    })
+    .await;
+
+    // Inline config replaces clusterrunner.yaml (a directory without any yaml file).
+    let empty = tempfile::tempdir().unwrap();
+    let mut req = dir_request(empty.path());
+    req.job_name = "Inline".into();
+    req.config_json =
+        r#"{"commands": ["echo inline $N > $ARTIFACT_DIR/n"], "atomizers": [{"N": "seq 3"}]}"#
+            .into();
+    let id = submit(&mut b, req).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.job_name, "Inline");
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: String::new(),
+        exit_code: 0,
+        files: vec![("n".into(), format!("inline {t}\n").into_bytes())],
+    })
+    .await;
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hash_that_is_not_the_branch_head_is_built() {
+    let (c, _d) = cluster(1, 1).await;
+    let repo = Repo::new();
+    let job = |v: &str| {
+        format!("J:\n  commands: ['cat version.txt']\n  atomizers: [{{A: 'echo {v}'}}]\n")
+    };
+    let old = repo.commit(
+        &[
+            ("clusterrunner.yaml", &job("old")),
+            ("version.txt", "old\n"),
+        ],
+        "old",
+    );
+    let head = repo.commit(
+        &[
+            ("clusterrunner.yaml", &job("new")),
+            ("version.txt", "new\n"),
+        ],
+        "new",
+    );
+    let (mut b, _) = c.clients().await.unwrap();
+    for (hash, want, commit) in [(&old[..10], "old", &old), ("", "new", &head)] {
+        let id = submit(&mut b, git_request(&repo.url(), "master", hash)).await;
+        let build = wait_final(&mut b, id).await;
+        assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+        assert_eq!(&build.commit, commit);
+        check_archives(&mut b, id, |t| {
+            assert_eq!(t, want);
+            AtomExpect {
+                console: format!("{want}\n"),
+                exit_code: 0,
+                files: vec![],
+            }
+        })
+        .await;
+    }
+    // A hash that does not exist: a clear error.
+    let id = submit(
+        &mut b,
+        git_request(&repo.url(), "master", "deadbeefdeadbeef"),
+    )
+    .await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Error);
+    assert!(
+        build.error_message.contains("deadbeefdeadbeef"),
+        "{}",
+        build.error_message
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_job_config_error_is_reported() {
+    let (c, _d) = cluster(1, 1).await;
+    let (mut b, _) = c.clients().await.unwrap();
+    let cases: &[(&str, &str)] = &[
+        (
+            "- a\n- b\n",
+            "The yaml config file could not be parsed to a dictionary",
+        ),
+        ("{}\n", "No jobs found in the config."),
+        (
+            "J:\n  commands: ['x']\n  atomizers: [{A: 'echo 1'}]\n  bogus: 1\n",
+            "Definition for job \"J\" contains an invalid config section \"bogus\".",
+        ),
+        (
+            "J:\n  setup_build: ['x']\n",
+            "Definition for job \"J\" is missing required config sections: {'commands', 'atomizers'}",
+        ),
+        (
+            "J:\n  commands: 'not a list'\n  atomizers: [{A: 'echo 1'}]\n",
+            "Definition for job \"J\" contains an invalid value for config section \"commands\".",
+        ),
+        (
+            "J:\n",
+            "Passed in configuration is not a dictionary for job: \"J\".",
+        ),
+    ];
+    for (yaml, message) in cases {
+        let project = tempfile::tempdir().unwrap();
+        std::fs::write(project.path().join("clusterrunner.yaml"), yaml).unwrap();
+        let id = submit(&mut b, dir_request(project.path())).await;
+        let build = wait_final(&mut b, id).await;
+        assert_eq!(state(&build), proto::BuildState::Error, "{yaml}");
+        assert!(
+            build.error_message.starts_with(message),
+            "for {yaml:?}: got {:?}, want {message:?}",
+            build.error_message
+        );
+        // The same config given inline is refused at submission, and nothing is stored.
+        if !yaml.starts_with('-') && *yaml != "{}\n" && *yaml != "J:\n" {
+            let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
+            let mut req = dir_request(project.path());
+            req.job_name = "J".into();
+            req.config_json = value["J"].to_string();
+            let before = b
+                .list(proto::ListBuildsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .total;
+            let err = b
+                .submit(proto::SubmitBuildRequest { request: Some(req) })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(
+                err.message().starts_with(message),
+                "{} vs {message}",
+                err.message()
+            );
+            let after = b
+                .list(proto::ListBuildsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .total;
+            assert_eq!(before, after, "a refused build is not stored");
+        }
+    }
+    // No clusterrunner.yaml, unknown job, missing directory.
+    let project = tempfile::tempdir().unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert!(
+        build
+            .error_message
+            .starts_with("Could not find project yaml file"),
+        "{}",
+        build.error_message
+    );
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "A:\n  commands: [x]\n  atomizers: [{V: 'echo'}]\n",
+    )
+    .unwrap();
+    let mut req = dir_request(project.path());
+    req.job_name = "Nope".into();
+    let id = submit(&mut b, req).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        build.error_message,
+        "The job \"Nope\" was not found in the loaded config. Valid jobs are: ['A']"
+    );
+    let id = submit(&mut b, dir_request(&project.path().join("missing"))).await;
+    let build = wait_final(&mut b, id).await;
+    assert!(
+        build
+            .error_message
+            .starts_with("Could not find the directory"),
+        "{}",
+        build.error_message
+    );
+    // A failing atomizer.
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "A:\n  commands: [x]\n  atomizers: [{V: 'echo oops; exit 4'}]\n",
+    )
+    .unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert!(
+        build.error_message.starts_with("Atomizer command failed!"),
+        "{}",
+        build.error_message
+    );
+    assert!(
+        build.error_message.contains("oops"),
+        "{}",
+        build.error_message
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slave_dying_mid_build_loses_nothing() {
+    let (mut c, _d) = cluster(2, 2).await;
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "K:\n  commands: ['sleep 0.2', 'echo $T > $ARTIFACT_DIR/t']\n  atomizers: [{T: 'seq 1 24'}]\n",
+    )
+    .unwrap();
+    let (mut b, _) = c.clients().await.unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    // Kill a slave once some atoms are done and others are running.
+    wait_for(&mut b, id, Duration::from_secs(30), |b| {
+        b.completed_atoms >= 4
+    })
+    .await;
+    c.kill_slave(1);
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: String::new(),
+        exit_code: 0,
+        files: vec![("t".into(), format!("{t}\n").into_bytes())],
+    })
+    .await;
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_during_atomizing_and_during_building() {
+    let (c, _d) = cluster(1, 2).await;
+    let marker = tempfile::tempdir().unwrap();
+    let m = marker.path().display().to_string();
+    let (mut b, _) = c.clients().await.unwrap();
+
+    // During atomizing.
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        format!("A:\n  commands: ['true']\n  atomizers: [{{V: 'echo $$ > {m}/pid_atomizer; sleep 30; echo 1'}}]\n"),
+    )
+    .unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids_in(marker.path()).is_empty() {
+        assert!(Instant::now() < deadline, "atomizer never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = Instant::now();
+    b.cancel(proto::CancelBuildRequest { build_id: id })
+        .await
+        .unwrap();
+    let build = wait_for(&mut b, id, Duration::from_secs(2), is_final).await;
+    assert_eq!(state(&build), proto::BuildState::Canceled);
+    let pid = pids_in(marker.path())[0];
+    while !process_gone(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "atomizer {pid} still running 2 s after cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_file(marker.path().join("pid_atomizer")).unwrap();
+
+    // During building.
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        format!("B:\n  commands: ['echo $$ > {m}/pid_$V', 'sleep 30']\n  atomizers: [{{V: 'seq 1 6'}}]\n"),
+    )
+    .unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids_in(marker.path()).len() < 2 {
+        assert!(Instant::now() < deadline, "atoms never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = Instant::now();
+    let canceled = b
+        .cancel(proto::CancelBuildRequest { build_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&canceled), proto::BuildState::Canceled);
+    assert_eq!(canceled.result, proto::BuildResult::Failure as i32);
+    for pid in pids_in(marker.path()) {
+        while !process_gone(pid) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "atom {pid} still running 2 s after cancel"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The executors are free again: the next build runs.
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "C:\n  commands: ['true']\n  atomizers: [{V: 'seq 2'}]\n",
+    )
+    .unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished);
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_setup_errors_the_build_and_the_slave_stays_usable() {
+    let (c, _d) = cluster(1, 2).await;
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "S:\n  setup_build: ['echo broken setup; exit 9']\n  commands: ['true']\n  atomizers: [{V: 'seq 3'}]\n",
+    )
+    .unwrap();
+    let (mut b, mut cl) = c.clients().await.unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Error);
+    assert!(
+        build.error_message.contains("exited with code 9"),
+        "{}",
+        build.error_message
+    );
+    assert!(
+        build.error_message.contains("broken setup"),
+        "{}",
+        build.error_message
+    );
+    let slaves = cl
+        .list_slaves(proto::ListSlavesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .slaves;
+    assert_eq!(slaves.len(), 1, "the slave is still connected");
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "S:\n  commands: ['true']\n  atomizers: [{V: 'seq 3'}]\n",
+    )
+    .unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished);
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_build_survives_a_master_restart() {
+    let (mut c, _d) = cluster(1, 2).await;
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "R:\n  commands: ['echo kept $V | tee $ARTIFACT_DIR/k']\n  atomizers: [{V: 'seq 4'}]\n",
+    )
+    .unwrap();
+    let (mut b, _) = c.clients().await.unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let before = wait_final(&mut b, id).await;
+    assert_eq!(state(&before), proto::BuildState::Finished);
+    let zip_before = download(&mut b, id, proto::ArchiveFormat::Zip).await;
+    let subjobs_before = subjobs(&mut b, id).await;
+    c.restart_master().await.unwrap();
+    let (mut b, _) = c.clients().await.unwrap();
+    let after = get(&mut b, id).await;
+    assert_eq!(after, before);
+    assert_eq!(subjobs(&mut b, id).await, subjobs_before);
+    assert_eq!(
+        download(&mut b, id, proto::ArchiveFormat::Zip).await,
+        zip_before
+    );
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("kept {t}\n"),
+        exit_code: 0,
+        files: vec![("k".into(), format!("kept {t}\n").into_bytes())],
+    })
+    .await;
+    // Build ids keep increasing after the restart, and the slave reconnects and works.
+    let id2 = submit(&mut b, dir_request(project.path())).await;
+    assert_eq!(id2, id + 1);
+    assert_eq!(
+        state(&wait_final(&mut b, id2).await),
+        proto::BuildState::Finished
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_second_build_uses_timing_history() {
+    let (c, _d) = cluster(1, 2).await;
+    let project = tempfile::tempdir().unwrap();
+    // Atom N sleeps N/10 s; max_executors 2 makes the time-based grouping visible.
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "T:\n  max_executors: 2\n  commands: ['sleep 0.$N']\n  atomizers: [{N: 'seq 1 8'}]\n",
+    )
+    .unwrap();
+    let (mut b, _) = c.clients().await.unwrap();
+    let first = submit(&mut b, dir_request(project.path())).await;
+    wait_final(&mut b, first).await;
+    let sj1 = subjobs(&mut b, first).await;
+    assert_eq!(sj1.len(), 8, "no history: one atom per subjob");
+    assert!(sj1.iter().all(|s| s.atoms[0].expected_time.is_none()));
+    let second = submit(&mut b, dir_request(project.path())).await;
+    wait_final(&mut b, second).await;
+    let sj2 = subjobs(&mut b, second).await;
+    assert!(
+        sj2.len() < 8,
+        "grouped by recorded times: {} subjobs",
+        sj2.len()
+    );
+    // Every expected time is the time recorded by the first build, and the groups are ordered
+    // slowest first as ClusterRunner's grouping makes them.
+    let recorded: std::collections::HashMap<String, f64> = sj1
+        .iter()
+        .flat_map(|s| &s.atoms)
+        .map(|a| (a.command_string.clone(), a.actual_time.unwrap()))
+        .collect();
+    for a in sj2.iter().flat_map(|s| &s.atoms) {
+        assert_eq!(a.expected_time, Some(recorded[&a.command_string]));
+    }
+    let firsts: Vec<f64> = sj2
+        .iter()
+        .map(|s| s.atoms[0].expected_time.unwrap())
+        .collect();
+    assert!(firsts[0] >= firsts[firsts.len() - 1]);
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_secret_is_refused() {
+    let (c, d) = cluster(1, 1).await;
+    let err = ish_cli::local::connect(&c.master_url, "not-the-secret", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .0
+        .list(proto::ListBuildsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(
+        err.message().contains("wrong cluster secret"),
+        "{}",
+        err.message()
+    );
+    // A slave with the wrong secret stops with a clear error instead of retrying forever.
+    let cfg = ish_slave::SlaveConfig {
+        master: c.master_url.clone(),
+        executors: 1,
+        data_dir: d.path().join("bad-slave"),
+        name: Some("intruder".into()),
+        ..Default::default()
+    };
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        ish_slave::run(cfg, "not-the-secret".into(), std::future::pending()),
+    )
+    .await
+    .expect("the slave gives up");
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("wrong cluster secret"), "{e}");
+    c.shutdown().await.unwrap();
+}

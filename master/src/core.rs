@@ -278,12 +278,22 @@ fn unknown_build(id: u64) -> MasterError {
 pub fn validate_request(req: &proto::BuildRequest) -> Result<()> {
     use proto::project_source::Kind;
     match req.source.as_ref().and_then(|s| s.kind.as_ref()) {
-        None => return Err(invalid("Invalid build request type: give a git or directory source.")),
+        None => {
+            return Err(invalid(
+                "Invalid build request type: give a git or directory source.",
+            ));
+        }
         Some(Kind::Git(g)) => {
             if g.url.trim().is_empty() {
-                return Err(invalid("Missing required parameter. Required parameters: ['url']"));
+                return Err(invalid(
+                    "Missing required parameter. Required parameters: ['url']",
+                ));
             }
-            if !g.hash.is_empty() && (g.hash.len() < 7 || g.hash.len() > 40 || !g.hash.bytes().all(|b| b.is_ascii_hexdigit())) {
+            if !g.hash.is_empty()
+                && (g.hash.len() < 7
+                    || g.hash.len() > 40
+                    || !g.hash.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
                 return Err(invalid(format!(
                     "Invalid hash \"{}\": expected 7 to 40 hexadecimal digits.",
                     g.hash
@@ -315,7 +325,8 @@ pub fn validate_request(req: &proto::BuildRequest) -> Result<()> {
     }
     if !req.config_json.is_empty() {
         let job = (!req.job_name.is_empty()).then_some(req.job_name.as_str());
-        jobconfig::parse_inline_config_str(&req.config_json, job).map_err(|e| invalid(e.to_string()))?;
+        jobconfig::parse_inline_config_str(&req.config_json, job)
+            .map_err(|e| invalid(e.to_string()))?;
     }
     if req.atoms_override.iter().any(|a| a.trim().is_empty()) {
         return Err(invalid("atoms_override entries must not be empty."));
@@ -324,10 +335,15 @@ pub fn validate_request(req: &proto::BuildRequest) -> Result<()> {
         return Err(invalid("remote_files is not supported by this master yet."));
     }
     for k in req.env.keys() {
-        let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let ok = k
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
-            return Err(invalid(format!("env name \"{k}\" is not a valid variable name.")));
+            return Err(invalid(format!(
+                "env name \"{k}\" is not a valid variable name."
+            )));
         }
     }
     Ok(())
@@ -374,8 +390,16 @@ fn request_params_json(req: &proto::BuildRequest) -> String {
 fn project_key(req: &proto::BuildRequest) -> String {
     use proto::project_source::Kind;
     match req.source.as_ref().and_then(|s| s.kind.as_ref()) {
-        Some(Kind::Git(g)) => format!("git:{}//{}", g.url.trim_end_matches('/'), req.project_directory),
-        Some(Kind::Directory(d)) => format!("dir:{}//{}", d.path.trim_end_matches('/'), req.project_directory),
+        Some(Kind::Git(g)) => format!(
+            "git:{}//{}",
+            g.url.trim_end_matches('/'),
+            req.project_directory
+        ),
+        Some(Kind::Directory(d)) => format!(
+            "dir:{}//{}",
+            d.path.trim_end_matches('/'),
+            req.project_directory
+        ),
         None => String::new(),
     }
 }
@@ -435,7 +459,11 @@ impl Build {
     }
 
     fn max_executors(&self) -> u32 {
-        self.job.as_ref().map(|j| j.max_executors).filter(|&n| n > 0).unwrap_or(u32::MAX)
+        self.job
+            .as_ref()
+            .map(|j| j.max_executors)
+            .filter(|&n| n > 0)
+            .unwrap_or(u32::MAX)
     }
 
     fn max_per_slave(&self) -> u32 {
@@ -480,7 +508,11 @@ impl Build {
                 })
                 .collect(),
             artifacts_ready: self.artifacts_ready,
-            command: self.job.as_ref().map(|j| j.commands.clone()).unwrap_or_default(),
+            command: self
+                .job
+                .as_ref()
+                .map(|j| j.commands.clone())
+                .unwrap_or_default(),
             project_dir: self.project_dir.clone(),
         }
     }
@@ -583,6 +615,11 @@ impl Core {
                         s.atoms.push(a);
                     }
                 }
+                for (sj, n) in self.store.load_attempts(b.id)? {
+                    if let Some(s) = subjobs.get_mut(sj as usize) {
+                        s.attempts = n;
+                    }
+                }
                 b.subjobs = subjobs;
             }
             b.num_atoms = b.subjobs.iter().map(|s| s.atoms.len() as u32).sum();
@@ -598,7 +635,13 @@ impl Core {
                         a.state = proto::AtomState::NotStarted as i32;
                     }
                 }
-                s.slave = s.atoms.iter().rev().find(|a| !a.slave.is_empty()).map(|a| a.slave.clone()).unwrap_or_default();
+                s.slave = s
+                    .atoms
+                    .iter()
+                    .rev()
+                    .find(|a| !a.slave.is_empty())
+                    .map(|a| a.slave.clone())
+                    .unwrap_or_default();
                 s.completed = s.atoms.iter().all(|a| a.exit_code.is_some());
                 if s.completed {
                     b.completed_subjobs += 1;
@@ -638,7 +681,11 @@ impl Core {
                 let _ = reply.send(self.cancel(id));
             }
             Command::GetBuild(id, reply) => {
-                let r = self.builds.get(&id).map(|b| b.to_proto(true)).ok_or_else(|| unknown_build(id));
+                let r = self
+                    .builds
+                    .get(&id)
+                    .map(|b| b.to_proto(true))
+                    .ok_or_else(|| unknown_build(id));
                 let _ = reply.send(r);
             }
             Command::ListBuilds {
@@ -647,13 +694,21 @@ impl Core {
                 unfinished_only,
                 reply,
             } => {
-                let matching = self
-                    .builds
-                    .values()
-                    .filter(|b| !unfinished_only || !matches!(b.state, BuildState::Finished | BuildState::Canceled));
+                let matching = self.builds.values().filter(|b| {
+                    !unfinished_only
+                        || !matches!(b.state, BuildState::Finished | BuildState::Canceled)
+                });
                 let total = matching.clone().count() as u32;
-                let take = if limit == 0 { usize::MAX } else { limit as usize };
-                let builds = matching.skip(offset as usize).take(take).map(|b| b.to_proto(true)).collect();
+                let take = if limit == 0 {
+                    usize::MAX
+                } else {
+                    limit as usize
+                };
+                let builds = matching
+                    .skip(offset as usize)
+                    .take(take)
+                    .map(|b| b.to_proto(true))
+                    .collect();
                 let _ = reply.send(Ok(proto::ListBuildsResponse { builds, total }));
             }
             Command::ListSubjobs {
@@ -706,13 +761,14 @@ impl Core {
                 attempt,
                 reply,
             } => {
-                let ok = self.attempts.get(&attempt).is_some_and(|a| {
-                    a.slave == slave && a.build == build && a.subjob == subjob
-                }) && self
-                    .builds
-                    .get(&build)
-                    .and_then(|b| b.subjobs.get(subjob as usize))
-                    .is_some_and(|s| (atom as usize) < s.atoms.len());
+                let ok =
+                    self.attempts.get(&attempt).is_some_and(|a| {
+                        a.slave == slave && a.build == build && a.subjob == subjob
+                    }) && self
+                        .builds
+                        .get(&build)
+                        .and_then(|b| b.subjobs.get(subjob as usize))
+                        .is_some_and(|s| (atom as usize) < s.atoms.len());
                 let r = if ok {
                     Ok(self.layout.attempt_atom_dir(build, attempt, subjob, atom))
                 } else {
@@ -798,8 +854,16 @@ impl Core {
 
     fn list_subjobs(&self, id: u64, offset: u32, limit: u32) -> Result<proto::ListSubjobsResponse> {
         let b = self.builds.get(&id).ok_or_else(|| unknown_build(id))?;
-        let take = if limit == 0 { usize::MAX } else { limit as usize };
-        let command = b.job.as_ref().map(|j| j.commands.clone()).unwrap_or_default();
+        let take = if limit == 0 {
+            usize::MAX
+        } else {
+            limit as usize
+        };
+        let command = b
+            .job
+            .as_ref()
+            .map(|j| j.commands.clone())
+            .unwrap_or_default();
         let subjobs = b
             .subjobs
             .iter()
@@ -846,7 +910,10 @@ impl Core {
         }
         match s.running {
             Some(attempt) if !b.state.is_final() => Ok(ConsoleLocation {
-                path: self.layout.attempt_atom_dir(id, attempt, subjob, atom).join(CONSOLE_FILE),
+                path: self
+                    .layout
+                    .attempt_atom_dir(id, attempt, subjob, atom)
+                    .join(CONSOLE_FILE),
                 complete: false,
             }),
             _ => Err(MasterError::NotFound(format!(
@@ -877,7 +944,9 @@ impl Core {
                         .builds
                         .values()
                         .filter(|b| {
-                            b.slaves.get(&s.id).is_some_and(|sb| sb.state != SlaveBuildState::TornDown)
+                            b.slaves
+                                .get(&s.id)
+                                .is_some_and(|sb| sb.state != SlaveBuildState::TornDown)
                         })
                         .map(|b| b.id)
                         .collect(),
@@ -892,7 +961,11 @@ impl Core {
     }
 
     fn drain(&mut self, ids: Vec<u64>, all: bool) -> Result<Vec<u64>> {
-        let ids: Vec<u64> = if all { self.slaves.keys().copied().collect() } else { ids };
+        let ids: Vec<u64> = if all {
+            self.slaves.keys().copied().collect()
+        } else {
+            ids
+        };
         if let Some(bad) = ids.iter().find(|id| !self.slaves.contains_key(id)) {
             return Err(MasterError::NotFound(format!(
                 "Requested slave (slave_id={bad}) does not exist."
@@ -918,7 +991,12 @@ impl Core {
         }
         // The same slave reconnecting (or restarted) replaces its old record; its old work is
         // re-queued because the new session starts with nothing running.
-        let old: Vec<u64> = self.slaves.values().filter(|s| s.name == reg.name).map(|s| s.id).collect();
+        let old: Vec<u64> = self
+            .slaves
+            .values()
+            .filter(|s| s.name == reg.name)
+            .map(|s| s.id)
+            .collect();
         for sid in old {
             self.lose_slave(sid, "it registered again");
         }
@@ -952,7 +1030,10 @@ impl Core {
 
     fn from_slave(&mut self, sid: u64, msg: Up) {
         let Some(slave) = self.slaves.get_mut(&sid) else {
-            tracing::debug!(slave = sid, "message from a slave that is no longer registered; ignored");
+            tracing::debug!(
+                slave = sid,
+                "message from a slave that is no longer registered; ignored"
+            );
             return;
         };
         slave.last_seen = Instant::now();
@@ -960,7 +1041,12 @@ impl Core {
             Up::Register(_) => tracing::warn!(slave = sid, "duplicate Register ignored"),
             Up::Heartbeat(_) => {
                 slave.last_heartbeat = now_epoch();
-                self.send(sid, Down::Heartbeat(proto::Heartbeat { sent_at: now_epoch() }));
+                self.send(
+                    sid,
+                    Down::Heartbeat(proto::Heartbeat {
+                        sent_at: now_epoch(),
+                    }),
+                );
             }
             Up::Prepared(r) => self.prepared(sid, r),
             Up::Setup(r) => self.setup_done(sid, r),
@@ -997,11 +1083,17 @@ impl Core {
                 .map(|(slot, _)| *slot)
         });
         let Some(slot) = slot else {
-            tracing::warn!(slave = sid, build = id, "PrepareResult for work this slave was not given; ignored");
+            tracing::warn!(
+                slave = sid,
+                build = id,
+                "PrepareResult for work this slave was not given; ignored"
+            );
             return;
         };
         self.free_slot(sid, slot);
-        let Some(b) = self.builds.get_mut(&id) else { return };
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
         if b.state != BuildState::Preparing || b.preparing_on != Some(sid) {
             // Canceled (or reassigned) meanwhile: the slave still has a workspace to clean.
             self.send(sid, Down::Teardown(proto::Teardown { build_id: id }));
@@ -1063,8 +1155,16 @@ impl Core {
         b.commit = r.commit;
         b.project_dir = r.project_dir;
         b.transition(BuildEvent::FinishPrepare);
-        tracing::info!(build = id, atoms = b.num_atoms, subjobs = b.subjobs.len(), "build prepared");
-        if let Err(e) = self.store.put_atoms(id, b.subjobs.iter().flat_map(|s| &s.atoms)) {
+        tracing::info!(
+            build = id,
+            atoms = b.num_atoms,
+            subjobs = b.subjobs.len(),
+            "build prepared"
+        );
+        if let Err(e) = self
+            .store
+            .put_atoms(id, b.subjobs.iter().flat_map(|s| &s.atoms))
+        {
             tracing::error!(build = id, error = %e, "could not store atoms");
         }
         self.persist(id);
@@ -1074,8 +1174,12 @@ impl Core {
 
     fn setup_done(&mut self, sid: u64, r: proto::SetupResult) {
         let id = r.build_id;
-        let Some(b) = self.builds.get_mut(&id) else { return };
-        let Some(sb) = b.slaves.get_mut(&sid) else { return };
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
+        let Some(sb) = b.slaves.get_mut(&sid) else {
+            return;
+        };
         if sb.state != SlaveBuildState::SettingUp {
             return;
         }
@@ -1094,10 +1198,19 @@ impl Core {
         let candidates = self
             .slaves
             .values()
-            .filter(|s| !s.draining && !b.slaves.get(&s.id).is_some_and(|sb| sb.state == SlaveBuildState::Failed))
+            .filter(|s| {
+                !s.draining
+                    && !b
+                        .slaves
+                        .get(&s.id)
+                        .is_some_and(|sb| sb.state == SlaveBuildState::Failed)
+            })
             .count();
         if failures >= self.cfg.max_setup_failures || candidates == 0 {
-            let msg = format!("Setup failed on {failures} slave(s); giving up. Last error: {}", r.error);
+            let msg = format!(
+                "Setup failed on {failures} slave(s); giving up. Last error: {}",
+                r.error
+            );
             self.end_build(id, BuildEvent::Fail, msg);
         } else {
             self.persist(id);
@@ -1112,7 +1225,10 @@ impl Core {
     }
 
     fn atom_started(&mut self, sid: u64, m: proto::AtomStarted) {
-        if self.current_attempt(sid, m.attempt, m.build_id, m.subjob_id).is_none() {
+        if self
+            .current_attempt(sid, m.attempt, m.build_id, m.subjob_id)
+            .is_none()
+        {
             return;
         }
         let name = self.slaves[&sid].name.clone();
@@ -1128,22 +1244,40 @@ impl Core {
     }
 
     fn atom_result(&mut self, sid: u64, r: proto::AtomResult) {
-        if self.current_attempt(sid, r.attempt, r.build_id, r.subjob_id).is_none() {
-            tracing::info!(slave = sid, build = r.build_id, attempt = r.attempt, "result of a stale attempt ignored");
+        if self
+            .current_attempt(sid, r.attempt, r.build_id, r.subjob_id)
+            .is_none()
+        {
+            tracing::info!(
+                slave = sid,
+                build = r.build_id,
+                attempt = r.attempt,
+                "result of a stale attempt ignored"
+            );
             return;
         }
         let name = self.slaves[&sid].name.clone();
-        let Some(b) = self.builds.get_mut(&r.build_id) else { return };
+        let Some(b) = self.builds.get_mut(&r.build_id) else {
+            return;
+        };
         if b.state.is_final() {
             return;
         }
-        let commands = b.job.as_ref().map(|j| j.commands.clone()).unwrap_or_default();
+        let commands = b
+            .job
+            .as_ref()
+            .map(|j| j.commands.clone())
+            .unwrap_or_default();
         let Some(a) = b
             .subjobs
             .get_mut(r.subjob_id as usize)
             .and_then(|s| s.atoms.get_mut(r.atom_id as usize))
         else {
-            tracing::warn!(slave = sid, build = r.build_id, "result for an unknown atom ignored");
+            tracing::warn!(
+                slave = sid,
+                build = r.build_id,
+                "result for an unknown atom ignored"
+            );
             return;
         };
         if a.exit_code.is_some() {
@@ -1197,8 +1331,12 @@ impl Core {
     /// After an attempt ended (done or lost): the subjob is complete, or its remaining atoms go
     /// back to the front of the queue.
     fn settle_subjob(&mut self, id: u64, subjob: u32) {
-        let Some(b) = self.builds.get_mut(&id) else { return };
-        let Some(s) = b.subjobs.get_mut(subjob as usize) else { return };
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
+        let Some(s) = b.subjobs.get_mut(subjob as usize) else {
+            return;
+        };
         s.running = None;
         if b.state.is_final() || s.completed {
             return;
@@ -1217,7 +1355,9 @@ impl Core {
 
     /// Starts post-build work once every subjob is complete.
     fn check_complete(&mut self, id: u64) {
-        let Some(b) = self.builds.get_mut(&id) else { return };
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
         if b.archiving || !matches!(b.state, BuildState::Prepared | BuildState::Building) {
             return;
         }
@@ -1235,7 +1375,9 @@ impl Core {
         });
         let back = self.self_tx.clone();
         tokio::spawn(async move {
-            let outcome = rx.await.unwrap_or_else(|_| Err("results queue stopped".into()));
+            let outcome = rx
+                .await
+                .unwrap_or_else(|_| Err("results queue stopped".into()));
             if let Some(tx) = back.upgrade() {
                 let _ = tx.send(Command::ArchivesWritten(id, outcome)).await;
             }
@@ -1243,7 +1385,9 @@ impl Core {
     }
 
     fn archives_written(&mut self, id: u64, outcome: std::result::Result<(), String>) {
-        let Some(b) = self.builds.get_mut(&id) else { return };
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
         b.archiving = false;
         if b.state.is_final() {
             return;
@@ -1276,7 +1420,9 @@ impl Core {
 
     /// Moves a build to a final state and releases everything it holds on slaves.
     fn end_build(&mut self, id: u64, event: BuildEvent, error: String) {
-        let Some(b) = self.builds.get_mut(&id) else { return };
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
         if !b.transition(event) {
             return;
         }
@@ -1303,7 +1449,12 @@ impl Core {
         let teardown_on: Vec<u64> = b
             .slaves
             .iter_mut()
-            .filter(|(_, sb)| matches!(sb.state, SlaveBuildState::Prepared | SlaveBuildState::SettingUp | SlaveBuildState::Ready))
+            .filter(|(_, sb)| {
+                matches!(
+                    sb.state,
+                    SlaveBuildState::Prepared | SlaveBuildState::SettingUp | SlaveBuildState::Ready
+                )
+            })
             .map(|(sid, sb)| {
                 sb.state = SlaveBuildState::TornDown;
                 *sid
@@ -1329,20 +1480,26 @@ impl Core {
 
     /// Forgets a slave and puts its work back in the queue.
     fn lose_slave(&mut self, sid: u64, why: &str) {
-        let Some(slave) = self.slaves.remove(&sid) else { return };
+        let Some(slave) = self.slaves.remove(&sid) else {
+            return;
+        };
         tracing::warn!(slave = sid, name = %slave.name, why, "slave removed");
         for (_, work) in slave.busy {
             match work {
                 Work::Prepare(id) => {
                     let max = self.cfg.max_prepare_attempts;
-                    let Some(b) = self.builds.get_mut(&id) else { continue };
+                    let Some(b) = self.builds.get_mut(&id) else {
+                        continue;
+                    };
                     if b.state != BuildState::Preparing || b.preparing_on != Some(sid) {
                         continue;
                     }
                     b.preparing_on = None;
                     b.prepare_attempts += 1;
                     if b.prepare_attempts >= max {
-                        let msg = format!("Preparation was interrupted {max} times (slaves lost); giving up.");
+                        let msg = format!(
+                            "Preparation was interrupted {max} times (slaves lost); giving up."
+                        );
                         self.end_build(id, BuildEvent::Fail, msg);
                     } else {
                         b.transition(BuildEvent::Requeue);
@@ -1386,7 +1543,11 @@ impl Core {
     fn schedule(&mut self) {
         let ids: Vec<u64> = self.active.iter().copied().collect();
         for id in ids {
-            if !self.slaves.values().any(|s| !s.draining && !s.free_slots.is_empty()) {
+            if !self
+                .slaves
+                .values()
+                .any(|s| !s.draining && !s.free_slots.is_empty())
+            {
                 return;
             }
             match self.builds.get(&id).map(|b| b.state) {
@@ -1407,7 +1568,9 @@ impl Core {
     }
 
     fn start_prepare(&mut self, id: u64) {
-        let Some(sid) = self.pick_slave(|_| true) else { return };
+        let Some(sid) = self.pick_slave(|_| true) else {
+            return;
+        };
         let b = self.builds.get_mut(&id).expect("active build");
         if !b.transition(BuildEvent::StartPrepare) {
             return;
@@ -1428,7 +1591,10 @@ impl Core {
             env: req.env.clone(),
         };
         let slave = self.slaves.get_mut(&sid).expect("picked");
-        let slot = slave.free_slots.pop_first().expect("picked with a free slot");
+        let slot = slave
+            .free_slots
+            .pop_first()
+            .expect("picked with a free slot");
         slave.busy.insert(slot, Work::Prepare(id));
         tracing::info!(build = id, slave = sid, "preparing build");
         self.persist(id);
@@ -1459,7 +1625,12 @@ impl Core {
             let allocated: u64 = b
                 .slaves
                 .values()
-                .filter(|sb| matches!(sb.state, SlaveBuildState::SettingUp | SlaveBuildState::Ready))
+                .filter(|sb| {
+                    matches!(
+                        sb.state,
+                        SlaveBuildState::SettingUp | SlaveBuildState::Ready
+                    )
+                })
                 .map(|sb| u64::from(sb.cap))
                 .sum();
             if b.pending.is_empty() || allocated >= wanted {
@@ -1503,7 +1674,13 @@ impl Core {
             job: b.job.clone(),
             env: req.env.clone(),
         };
-        tracing::info!(build = id, slave = sid, start_index, cap, "setting up slave");
+        tracing::info!(
+            build = id,
+            slave = sid,
+            start_index,
+            cap,
+            "setting up slave"
+        );
         self.send(sid, Down::Setup(msg));
     }
 
@@ -1511,7 +1688,9 @@ impl Core {
         let (Some(b), Some(s)) = (self.builds.get(&id), self.slaves.get(&sid)) else {
             return false;
         };
-        let Some(sb) = b.slaves.get(&sid) else { return false };
+        let Some(sb) = b.slaves.get(&sid) else {
+            return false;
+        };
         !s.draining
             && !s.free_slots.is_empty()
             && !b.pending.is_empty()
@@ -1542,6 +1721,9 @@ impl Core {
         s.running = Some(attempt);
         s.attempts += 1;
         s.slave = name;
+        if let Err(e) = self.store.put_attempts(id, subjob, s.attempts) {
+            tracing::error!(build = id, error = %e, "could not store a dispatch");
+        }
         let atoms = s
             .atoms
             .iter_mut()

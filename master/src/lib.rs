@@ -28,6 +28,9 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// File in the data dir that holds the address the master listens on.
+pub const ADDR_FILE: &str = "master.addr";
+
 /// Serves the master on `listener` until `shutdown` completes. `secret` is the cluster secret
 /// every caller must present.
 pub async fn serve(
@@ -49,14 +52,27 @@ pub async fn serve(
         ish_core::auth::check_metadata(&secret, req.metadata())?;
         Ok(req)
     };
-    let link = grpc::SlaveLinkService::new(handle.clone(), cfg.slave_queue_capacity, cfg.max_artifact_bytes_per_atom);
+    let link = grpc::SlaveLinkService::new(
+        handle.clone(),
+        cfg.slave_queue_capacity,
+        cfg.max_artifact_bytes_per_atom,
+    );
     let addr = listener.local_addr().ok();
+    if let Some(addr) = addr {
+        // Tools and tests on this host find a master started on port 0 here.
+        let file = cfg.data_dir.join(ADDR_FILE);
+        std::fs::write(&file, addr.to_string())
+            .map_err(|e| MasterError::io(format!("writing {}", file.display()), e))?;
+    }
     tracing::info!(?addr, data_dir = %cfg.data_dir.display(), "master listening");
     let stop = handle.clone();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(proto::slave_link_server::SlaveLinkServer::with_interceptor(link, check.clone()))
+        .add_service(proto::slave_link_server::SlaveLinkServer::with_interceptor(
+            link,
+            check.clone(),
+        ))
         .add_service(proto::builds_server::BuildsServer::with_interceptor(
             grpc::BuildsService::new(handle.clone()),
             check.clone(),
@@ -65,11 +81,14 @@ pub async fn serve(
             grpc::ClusterService::new(handle.clone()),
             check,
         ))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            tracing::info!("master shutting down");
-            stop.shutdown().await;
-        })
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                shutdown.await;
+                tracing::info!("master shutting down");
+                stop.shutdown().await;
+            },
+        )
         .await
         .map_err(|e| MasterError::io("serving gRPC", std::io::Error::other(e)))?;
     store.flush().await?;

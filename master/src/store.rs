@@ -4,6 +4,7 @@
 //! Trees:
 //! - `builds`: build id (BE u64) -> `StoredBuild` (prost)
 //! - `atoms`: build id (BE u64) + subjob id (BE u32) + atom id (BE u32) -> `Atom` (prost)
+//! - `attempts`: build id (BE u64) + subjob id (BE u32) -> dispatch count (BE u32)
 //! - `timings`: project key + `\0` + job name -> JSON `{"<atom command string>": seconds}`
 //! - `meta`: counters (`next_build_id`)
 //!
@@ -21,6 +22,7 @@ pub struct Store {
     db: sled::Db,
     builds: sled::Tree,
     atoms: sled::Tree,
+    attempts: sled::Tree,
     timings: sled::Tree,
     meta: sled::Tree,
 }
@@ -53,6 +55,7 @@ impl Store {
         Ok(Self {
             builds: db.open_tree("builds")?,
             atoms: db.open_tree("atoms")?,
+            attempts: db.open_tree("attempts")?,
             timings: db.open_tree("timings")?,
             meta: db.open_tree("meta")?,
             db,
@@ -123,6 +126,29 @@ impl Store {
             .map(|kv| {
                 let (_, v) = kv?;
                 proto::Atom::decode(v.as_ref()).map_err(|e| MasterError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Records how many times a subjob has been dispatched.
+    pub fn put_attempts(&self, build: u64, subjob: u32, attempts: u32) -> Result<()> {
+        self.attempts
+            .insert(&atom_key(build, subjob, 0)[..12], &attempts.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Dispatch counts of a build's subjobs: (subjob id, count).
+    pub fn load_attempts(&self, build: u64) -> Result<Vec<(u32, u32)>> {
+        self.attempts
+            .scan_prefix(build.to_be_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let sj = k.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok());
+                let n = <[u8; 4]>::try_from(v.as_ref()).ok();
+                match (sj, n) {
+                    (Some(sj), Some(n)) => Ok((u32::from_be_bytes(sj), u32::from_be_bytes(n))),
+                    _ => Err(MasterError::Corrupt("bad attempts record".into())),
+                }
             })
             .collect()
     }

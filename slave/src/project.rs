@@ -54,10 +54,18 @@ impl Workspaces {
         std::fs::create_dir_all(&build_dir)
             .map_err(|e| format!("Could not create {}: {e}", build_dir.display()))?;
         let sub = spec.project_directory.trim_matches('/');
+        // Path::join("") would add a trailing slash to $PROJECT_DIR.
+        let under = |base: &Path| {
+            if sub.is_empty() {
+                base.to_path_buf()
+            } else {
+                base.join(sub)
+            }
+        };
         match spec.source.as_ref().and_then(|s| s.kind.as_ref()) {
             None => Err("The build request has no project source.".into()),
             Some(Kind::Directory(d)) => {
-                let dir = Path::new(&d.path).join(sub);
+                let dir = under(Path::new(&d.path));
                 if !dir.is_dir() {
                     return Err(format!(
                         "Could not find the directory \"{}\" on {}. Note that if you are running Ish CD on multiple hosts, \"directory\" type builds need that directory on every slave.",
@@ -105,7 +113,7 @@ impl Workspaces {
                         .map_err(|e| format!("Could not write {}: {e}", marker.display()))?;
                     commit
                 };
-                let project_dir = src.join(sub);
+                let project_dir = under(&src);
                 if !project_dir.is_dir() {
                     return Err(format!(
                         "The project_directory \"{sub}\" does not exist in {} at commit {commit}.",

@@ -46,6 +46,24 @@ fn shell() -> (&'static str, bool) {
     }
 }
 
+/// Kills the process group when dropped before [`GroupGuard::disarm`]: if the task running an
+/// atom is aborted (the slave is going down hard), the atom's processes go with it.
+struct GroupGuard(i32);
+
+impl GroupGuard {
+    fn disarm(mut self) {
+        self.0 = 0;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            signal_group(self.0, Signal::SIGKILL);
+        }
+    }
+}
+
 fn signal_group(pgid: i32, sig: Signal) {
     // ESRCH (group already gone) is the normal case after the leader exited.
     let _ = killpg(Pid::from_raw(pgid), sig);
@@ -81,6 +99,7 @@ pub async fn run(
     // Our copies of the pipe's write end must be closed, or the reader never sees EOF.
     drop(cmd);
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let guard = GroupGuard(pgid);
     let pump = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -114,6 +133,7 @@ pub async fn run(
     if pgid > 0 {
         signal_group(pgid, Signal::SIGKILL);
     }
+    guard.disarm();
     // A process that left the group (setsid) could keep the pipe open: don't wait forever.
     let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
     use std::os::unix::process::ExitStatusExt;

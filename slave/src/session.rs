@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -210,7 +211,9 @@ pub async fn run_session(shared: Arc<Shared>, shutdown: CancellationToken) -> Se
         link,
         builds: Arc::default(),
     };
-    let tasks = TaskTracker::new();
+    // The session owns every task it starts: dropping the session (the slave is aborted) aborts
+    // them, and with them the atoms' process groups.
+    let mut tasks: JoinSet<()> = JoinSet::new();
     let heartbeat_every =
         Duration::from_millis(registered.heartbeat_interval_ms.clamp(100, 60_000));
     let master_timeout = Duration::from_millis(ctx.shared.cfg.master_timeout_ms);
@@ -222,7 +225,7 @@ pub async fn run_session(shared: Arc<Shared>, shutdown: CancellationToken) -> Se
             m = inbound.message() => match m {
                 Ok(Some(proto::MasterMessage { msg: Some(msg) })) => {
                     last_heard = Instant::now();
-                    handle(&ctx, &tasks, &drained, msg);
+                    handle(&ctx, &mut tasks, &drained, msg);
                 }
                 Ok(Some(_)) => last_heard = Instant::now(),
                 Ok(None) => break SessionEnd::Lost("the master ended the session".into()),
@@ -237,6 +240,7 @@ pub async fn run_session(shared: Arc<Shared>, shutdown: CancellationToken) -> Se
                     break SessionEnd::Lost("the session's send queue closed".into());
                 }
             }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = drained.cancelled() => break SessionEnd::Drained,
             _ = shutdown.cancelled() => {
                 ctx.send(Up::GoingAway(proto::GoingAway { reason: "shutting down".into() })).await;
@@ -248,8 +252,10 @@ pub async fn run_session(shared: Arc<Shared>, shutdown: CancellationToken) -> Se
     for b in ctx.all_builds() {
         b.cancel.cancel();
     }
-    tasks.close();
-    let _ = tokio::time::timeout(ctx.grace + Duration::from_secs(5), tasks.wait()).await;
+    let _ = tokio::time::timeout(ctx.grace + Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     let leftovers = ctx.all_builds();
     if matches!(end, SessionEnd::Shutdown) {
         let budget = Duration::from_millis(ctx.shared.cfg.shutdown_teardown_ms);
@@ -266,13 +272,13 @@ pub async fn run_session(shared: Arc<Shared>, shutdown: CancellationToken) -> Se
     end
 }
 
-fn handle(ctx: &Ctx, tasks: &TaskTracker, drained: &CancellationToken, msg: Down) {
+fn handle(ctx: &Ctx, tasks: &mut JoinSet<()>, drained: &CancellationToken, msg: Down) {
     match msg {
         Down::Registered(_) | Down::Heartbeat(_) => {}
         Down::Prepare(p) => {
             let b = ctx.build(p.build_id);
             let ctx = ctx.clone();
-            b.tasks.clone().spawn(tasks.track_future(async move {
+            tasks.spawn(b.tasks.clone().track_future(async move {
                 let result = prepare(&ctx, &b, p).await;
                 ctx.send(Up::Prepared(result)).await;
             }));
@@ -280,7 +286,7 @@ fn handle(ctx: &Ctx, tasks: &TaskTracker, drained: &CancellationToken, msg: Down
         Down::Setup(s) => {
             let b = ctx.build(s.build_id);
             let ctx = ctx.clone();
-            b.tasks.clone().spawn(tasks.track_future(async move {
+            tasks.spawn(b.tasks.clone().track_future(async move {
                 let result = setup(&ctx, &b, s).await;
                 ctx.send(Up::Setup(result)).await;
             }));
@@ -288,7 +294,7 @@ fn handle(ctx: &Ctx, tasks: &TaskTracker, drained: &CancellationToken, msg: Down
         Down::RunSubjob(r) => {
             let b = ctx.build(r.build_id);
             let ctx = ctx.clone();
-            b.tasks.clone().spawn(tasks.track_future(async move {
+            tasks.spawn(b.tasks.clone().track_future(async move {
                 run_subjob(&ctx, &b, r).await;
             }));
         }
@@ -343,9 +349,12 @@ fn handle(ctx: &Ctx, tasks: &TaskTracker, drained: &CancellationToken, msg: Down
     }
 }
 
-fn base_env(b: &BuildCtx, ws: &Workspace) -> Vec<(String, String)> {
+/// Environment of every command of a build: the build's own `env`, then what Ish CD sets.
+fn base_env(ctx: &Ctx, b: &BuildCtx, ws: &Workspace) -> Vec<(String, String)> {
     let mut env = b.env();
     env.push(("PROJECT_DIR".into(), ws.project_dir.display().to_string()));
+    env.push(("ISH_BUILD_ID".into(), b.id.to_string()));
+    env.push(("ISH_SLAVE_NAME".into(), ctx.shared.name.clone()));
     env
 }
 
@@ -411,7 +420,7 @@ async fn prepare(ctx: &Ctx, b: &BuildCtx, p: proto::Prepare) -> proto::PrepareRe
             let spec = CommandSpec {
                 script: a.command.clone(),
                 cwd: ws.project_dir.clone(),
-                env: base_env(b, &ws),
+                env: base_env(ctx, b, &ws),
             };
             let limit = ctx.shared.cfg.max_atomizer_output;
             match runner::run_collect(spec, b.cancel.child_token(), ctx.grace, limit).await {
@@ -481,7 +490,7 @@ async fn setup(ctx: &Ctx, b: &BuildCtx, s: proto::Setup) -> proto::SetupResult {
         let spec = CommandSpec {
             script: job.setup_build.clone(),
             cwd: ws.project_dir.clone(),
-            env: base_env(b, &ws),
+            env: base_env(ctx, b, &ws),
         };
         match runner::run_capture(spec, b.cancel.child_token(), ctx.grace, ERROR_TAIL).await {
             Err(e) => return fail(format!("setup_build could not start: {e}")),
@@ -518,7 +527,7 @@ async fn teardown(ctx: &Ctx, b: &Arc<BuildCtx>) -> proto::TeardownDone {
         let spec = CommandSpec {
             script: job.teardown_build.clone(),
             cwd: ws.project_dir.clone(),
-            env: base_env(b, &ws),
+            env: base_env(ctx, b, &ws),
         };
         // Teardown is not stopped by the build's cancel: it is the clean-up after one.
         match runner::run_capture(spec, CancellationToken::new(), ctx.grace, ERROR_TAIL).await {
@@ -601,7 +610,7 @@ async fn run_atom(
     if !ctx.send(started).await {
         return false;
     }
-    let mut env = base_env(b, ws);
+    let mut env = base_env(ctx, b, ws);
     env.extend([
         ("ARTIFACT_DIR".to_string(), art_dir.display().to_string()),
         ("ATOM_ID".to_string(), atom.atom_id.to_string()),

@@ -1,0 +1,838 @@
+//! Scheduler tests with channel-backed fake slaves: no network, no processes.
+use super::*;
+use proto::master_message::Msg as D;
+
+struct Harness {
+    core: Core,
+    results: mpsc::UnboundedReceiver<ResultsJob>,
+    cmds: mpsc::Receiver<Command>,
+    _cmd_tx: mpsc::Sender<Command>,
+    _dir: tempfile::TempDir,
+}
+
+struct FakeSlave {
+    id: u64,
+    rx: mpsc::Receiver<proto::MasterMessage>,
+}
+
+impl FakeSlave {
+    fn next(&mut self) -> Option<D> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(proto::MasterMessage {
+                    msg: Some(D::Heartbeat(_)),
+                }) => continue,
+                Ok(m) => return m.msg,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn all(&mut self) -> Vec<D> {
+        std::iter::from_fn(|| self.next()).collect()
+    }
+}
+
+fn dir_request(config: &str) -> proto::BuildRequest {
+    proto::BuildRequest {
+        source: Some(proto::ProjectSource {
+            kind: Some(proto::project_source::Kind::Directory(
+                proto::DirectorySource {
+                    path: "/tmp/p".into(),
+                },
+            )),
+        }),
+        config_json: config.into(),
+        job_name: "Job".into(),
+        ..Default::default()
+    }
+}
+
+const CONFIG: &str = r#"{"commands": ["echo $TOKEN"], "atomizers": [{"TOKEN": "seq 1 4"}]}"#;
+
+fn job(max_executors: u32, per_slave: u32) -> proto::JobConfig {
+    proto::JobConfig {
+        name: "Job".into(),
+        commands: "echo $TOKEN".into(),
+        atomizers: vec![],
+        setup_build: "true".into(),
+        teardown_build: String::new(),
+        max_executors,
+        max_executors_per_slave: per_slave,
+    }
+}
+
+fn atoms(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("export TOKEN=\"{i}\";")).collect()
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_store(Store::temporary().unwrap())
+    }
+
+    fn with_store(store: Store) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (results_tx, results) = mpsc::unbounded_channel();
+        let (changes, _) = broadcast::channel(1024);
+        let (cmd_tx, cmds) = mpsc::channel(1024);
+        let core = Core::new(
+            CoreConfig::default(),
+            store,
+            ResultsLayout::new(dir.path().to_path_buf()),
+            results_tx,
+            changes,
+            cmd_tx.downgrade(),
+        );
+        Self {
+            core,
+            results,
+            cmds,
+            _cmd_tx: cmd_tx,
+            _dir: dir,
+        }
+    }
+
+    fn call<T>(&mut self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (tx, mut rx) = oneshot::channel();
+        self.core.handle(make(tx));
+        rx.try_recv().expect("core answers synchronously")
+    }
+
+    fn slave(&mut self, name: &str, executors: u32) -> FakeSlave {
+        let (tx, rx) = mpsc::channel(1024);
+        let reg = proto::Register {
+            name: name.into(),
+            executors,
+            ..Default::default()
+        };
+        let id = self.call(|r| Command::SlaveConnected(reg, tx, r)).unwrap();
+        let mut s = FakeSlave { id, rx };
+        assert!(matches!(s.next(), Some(D::Registered(_))));
+        s
+    }
+
+    fn submit(&mut self, req: proto::BuildRequest) -> u64 {
+        self.call(|r| Command::Submit(req, r)).unwrap()
+    }
+
+    fn build(&mut self, id: u64) -> proto::Build {
+        self.call(|r| Command::GetBuild(id, r)).unwrap()
+    }
+
+    fn from(&mut self, s: &FakeSlave, msg: Up) {
+        self.core.handle(Command::FromSlave(s.id, msg));
+    }
+
+    fn prepared(&mut self, s: &FakeSlave, build: u64, job: proto::JobConfig, atoms: Vec<String>) {
+        self.from(
+            s,
+            Up::Prepared(proto::PrepareResult {
+                build_id: build,
+                job: Some(job),
+                atoms,
+                project_dir: "/tmp/p".into(),
+                ..Default::default()
+            }),
+        );
+    }
+
+    fn setup_ok(&mut self, s: &FakeSlave, build: u64) {
+        self.from(
+            s,
+            Up::Setup(proto::SetupResult {
+                build_id: build,
+                ok: true,
+                error: String::new(),
+            }),
+        );
+    }
+
+    /// Reports every atom of `r` with `exit_code`, then the subjob done.
+    fn complete(&mut self, s: &FakeSlave, r: &proto::RunSubjob, exit_code: i32, seconds: f64) {
+        for a in &r.atoms {
+            self.from(
+                s,
+                Up::AtomResult(proto::AtomResult {
+                    build_id: r.build_id,
+                    subjob_id: r.subjob_id,
+                    atom_id: a.atom_id,
+                    attempt: r.attempt,
+                    exit_code,
+                    seconds,
+                    artifact_files: 0,
+                }),
+            );
+        }
+        self.from(
+            s,
+            Up::SubjobDone(proto::SubjobDone {
+                build_id: r.build_id,
+                subjob_id: r.subjob_id,
+                attempt: r.attempt,
+            }),
+        );
+    }
+
+    /// Plays the results queue: promotions succeed, archives succeed, and the completion comes back.
+    async fn run_results(&mut self) -> Vec<(u64, Vec<String>, Vec<String>)> {
+        let mut archives = Vec::new();
+        while let Ok(job) = self.results.try_recv() {
+            if let ResultsJob::Archive {
+                build,
+                dirs,
+                failures,
+                done,
+            } = job
+            {
+                archives.push((build, dirs, failures));
+                done.send(Ok(())).unwrap();
+            }
+        }
+        for _ in 0..archives.len() {
+            let cmd = tokio::time::timeout(Duration::from_secs(5), self.cmds.recv())
+                .await
+                .expect("archive completion")
+                .unwrap();
+            self.core.handle(cmd);
+        }
+        archives
+    }
+}
+
+fn run_subjobs(msgs: &[D]) -> Vec<proto::RunSubjob> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            D::RunSubjob(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn state(b: &proto::Build) -> proto::BuildState {
+    proto::BuildState::try_from(b.state).unwrap()
+}
+
+#[tokio::test]
+async fn a_build_runs_from_queue_to_finished() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s1", 2);
+    let id = h.submit(dir_request(CONFIG));
+    let D::Prepare(p) = s.next().expect("prepare") else {
+        panic!("expected Prepare")
+    };
+    assert_eq!(p.build_id, id);
+    assert_eq!(state(&h.build(id)), proto::BuildState::Preparing);
+    h.prepared(&s, id, job(0, 0), atoms(4));
+    assert_eq!(h.build(id).num_subjobs, 4);
+    let D::Setup(setup) = s.next().expect("setup") else {
+        panic!("expected Setup")
+    };
+    assert_eq!(setup.job.unwrap().setup_build, "true");
+    assert!(s.next().is_none(), "nothing runs before setup completes");
+    h.setup_ok(&s, id);
+    let runs = run_subjobs(&s.all());
+    assert_eq!(runs.len(), 2, "one subjob per executor");
+    let mut slots: Vec<u32> = runs.iter().map(|r| r.executor_index).collect();
+    slots.sort();
+    assert_eq!(slots, [0, 1]);
+    let mut build_slots: Vec<u32> = runs.iter().map(|r| r.build_executor_index).collect();
+    build_slots.sort();
+    assert_eq!(build_slots, [0, 1]);
+    assert_eq!(state(&h.build(id)), proto::BuildState::Building);
+    let mut pending = runs;
+    let mut done = 0;
+    while let Some(r) = pending.pop() {
+        h.complete(&s, &r, if r.subjob_id == 2 { 1 } else { 0 }, 0.5);
+        done += 1;
+        pending.extend(run_subjobs(&s.all()));
+    }
+    assert_eq!(done, 4);
+    let archives = h.run_results().await;
+    assert_eq!(archives.len(), 1);
+    let (_, dirs, failures) = &archives[0];
+    assert_eq!(
+        dirs,
+        &[
+            "artifact_0_0",
+            "artifact_1_0",
+            "artifact_2_0",
+            "artifact_3_0"
+        ]
+    );
+    assert_eq!(failures, &["artifact_2_0"]);
+    let b = h.build(id);
+    assert_eq!(state(&b), proto::BuildState::Finished);
+    assert_eq!(b.result, proto::BuildResult::Failure as i32);
+    assert!(b.artifacts_ready);
+    assert_eq!(b.failed_atoms.len(), 1);
+    assert!(
+        matches!(s.next(), Some(D::Teardown(_))),
+        "teardown once the build ended"
+    );
+    assert!(s.next().is_none());
+}
+
+#[tokio::test]
+async fn max_executors_and_per_slave_caps_hold() {
+    let mut h = Harness::new();
+    let mut a = h.slave("a", 4);
+    let mut b = h.slave("b", 4);
+    let id = h.submit(dir_request(CONFIG));
+    let preparer_is_a = matches!(a.next(), Some(D::Prepare(_)));
+    let (prep, other) = if preparer_is_a {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    if !preparer_is_a {
+        assert!(matches!(prep.next(), Some(D::Prepare(_))));
+    }
+    let prep_id = prep.id;
+    h.core.handle(Command::FromSlave(
+        prep_id,
+        Up::Prepared(proto::PrepareResult {
+            build_id: id,
+            job: Some(job(3, 2)),
+            atoms: atoms(10),
+            ..Default::default()
+        }),
+    ));
+    // Both slaves are set up (cap 2 each covers max_executors 3).
+    let mut setups = 0;
+    for s in [&mut *prep, &mut *other] {
+        if matches!(s.next(), Some(D::Setup(_))) {
+            setups += 1;
+            let sid = s.id;
+            h.core.handle(Command::FromSlave(
+                sid,
+                Up::Setup(proto::SetupResult {
+                    build_id: id,
+                    ok: true,
+                    error: String::new(),
+                }),
+            ));
+        }
+    }
+    assert_eq!(setups, 2);
+    let ra = run_subjobs(&prep.all());
+    let rb = run_subjobs(&other.all());
+    assert!(
+        ra.len() <= 2 && rb.len() <= 2,
+        "per-slave cap: {} {}",
+        ra.len(),
+        rb.len()
+    );
+    assert_eq!(ra.len() + rb.len(), 3, "max_executors");
+    let mut idx: Vec<u32> = ra
+        .iter()
+        .chain(&rb)
+        .map(|r| r.build_executor_index)
+        .collect();
+    idx.sort();
+    idx.dedup();
+    assert_eq!(idx.len(), 3, "build executor indices are distinct");
+    assert!(
+        idx.iter().all(|&i| i < 4),
+        "indices stay inside the allocated ranges: {idx:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_slave_requeues_only_unreported_atoms_and_late_results_are_ignored() {
+    let mut h = Harness::new();
+    let mut a = h.slave("a", 1);
+    let id = h.submit(dir_request(CONFIG));
+    assert!(matches!(a.next(), Some(D::Prepare(_))));
+    h.prepared(&a, id, job(0, 0), atoms(2));
+    assert!(matches!(a.next(), Some(D::Setup(_))));
+    h.setup_ok(&a, id);
+    let r = run_subjobs(&a.all()).pop().expect("dispatched");
+    // The atom reports its result, then the slave disappears before SubjobDone.
+    h.from(
+        &a,
+        Up::AtomResult(proto::AtomResult {
+            build_id: id,
+            subjob_id: r.subjob_id,
+            atom_id: 0,
+            attempt: r.attempt,
+            exit_code: 0,
+            seconds: 0.1,
+            artifact_files: 0,
+        }),
+    );
+    let mut b = h.slave("b", 1);
+    h.core.handle(Command::SlaveDisconnected(a.id));
+    // b gets set up and receives the remaining subjob only.
+    assert!(matches!(b.next(), Some(D::Setup(_))));
+    h.setup_ok(&b, id);
+    let rb = run_subjobs(&b.all());
+    assert_eq!(rb.len(), 1);
+    assert_ne!(
+        rb[0].subjob_id, r.subjob_id,
+        "the reported subjob is complete and not re-run"
+    );
+    // A late result from the lost slave's attempt changes nothing.
+    h.core.handle(Command::FromSlave(
+        a.id,
+        Up::AtomResult(proto::AtomResult {
+            build_id: id,
+            subjob_id: rb[0].subjob_id,
+            atom_id: 0,
+            attempt: r.attempt,
+            exit_code: 7,
+            seconds: 1.0,
+            artifact_files: 0,
+        }),
+    ));
+    h.complete(&b, &rb[0], 0, 0.2);
+    h.run_results().await;
+    let built = h.build(id);
+    assert_eq!(state(&built), proto::BuildState::Finished);
+    assert_eq!(built.result, proto::BuildResult::NoFailures as i32);
+    assert_eq!(built.completed_atoms, 2);
+}
+
+#[tokio::test]
+async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
+    let mut h = Harness::new();
+    let store = h.core.store.clone();
+    // Timing history + max_executors = 1 groups two of the three atoms into subjob 0.
+    store
+        .merge_timings(
+            "dir:/tmp/p//",
+            "Job",
+            &HashMap::from([
+                ("export TOKEN=\"0\";".to_string(), 1.0),
+                ("export TOKEN=\"1\";".to_string(), 1.0),
+                ("export TOKEN=\"2\";".to_string(), 1.0),
+            ]),
+        )
+        .unwrap();
+    let mut a = h.slave("a", 1);
+    let id = h.submit(dir_request(CONFIG));
+    assert!(matches!(a.next(), Some(D::Prepare(_))));
+    h.prepared(&a, id, job(1, 0), atoms(3));
+    assert_eq!(h.build(id).num_subjobs, 2);
+    assert!(matches!(a.next(), Some(D::Setup(_))));
+    h.setup_ok(&a, id);
+    let r = run_subjobs(&a.all()).pop().unwrap();
+    assert_eq!((r.subjob_id, r.atoms.len()), (0, 2));
+    h.from(
+        &a,
+        Up::AtomResult(proto::AtomResult {
+            build_id: id,
+            subjob_id: 0,
+            atom_id: r.atoms[0].atom_id,
+            attempt: r.attempt,
+            exit_code: 0,
+            seconds: 1.0,
+            artifact_files: 0,
+        }),
+    );
+    let mut b = h.slave("b", 1);
+    h.core.handle(Command::SlaveDisconnected(a.id));
+    assert!(matches!(b.next(), Some(D::Setup(_))));
+    h.setup_ok(&b, id);
+    let rb = run_subjobs(&b.all()).pop().unwrap();
+    assert_eq!(rb.subjob_id, 0, "the interrupted subjob goes first");
+    let resent: Vec<u32> = rb.atoms.iter().map(|a| a.atom_id).collect();
+    let expected: Vec<u32> = r.atoms[1..].iter().map(|a| a.atom_id).collect();
+    assert_eq!(resent, expected);
+    assert_ne!(rb.attempt, r.attempt);
+}
+
+#[tokio::test]
+async fn cancel_kills_running_work_and_tears_down() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s", 2);
+    let id = h.submit(dir_request(CONFIG));
+    assert!(matches!(s.next(), Some(D::Prepare(_))));
+    h.prepared(&s, id, job(0, 0), atoms(4));
+    assert!(matches!(s.next(), Some(D::Setup(_))));
+    h.setup_ok(&s, id);
+    let runs = run_subjobs(&s.all());
+    assert_eq!(runs.len(), 2);
+    let b = h.call(|r| Command::Cancel(id, r)).unwrap();
+    assert_eq!(state(&b), proto::BuildState::Canceled);
+    assert_eq!(b.result, proto::BuildResult::Failure as i32);
+    let msgs = s.all();
+    assert!(matches!(msgs[0], D::Cancel(_)), "{msgs:?}");
+    assert!(matches!(msgs[1], D::Teardown(_)), "{msgs:?}");
+    assert_eq!(msgs.len(), 2);
+    // Canceling again is a no-op.
+    let again = h.call(|r| Command::Cancel(id, r)).unwrap();
+    assert_eq!(state(&again), proto::BuildState::Canceled);
+    assert!(s.all().is_empty());
+    // Executors come back when the killed subjobs report done; a new build can use them.
+    for r in &runs {
+        h.complete(&s, r, -15, 0.1);
+    }
+    let id2 = h.submit(dir_request(CONFIG));
+    assert!(matches!(s.next(), Some(D::Prepare(p)) if p.build_id == id2));
+    assert_eq!(
+        state(&h.build(id)),
+        proto::BuildState::Canceled,
+        "late results do not revive it"
+    );
+}
+
+#[tokio::test]
+async fn cancel_while_preparing() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s", 1);
+    let id = h.submit(dir_request(CONFIG));
+    assert!(matches!(s.next(), Some(D::Prepare(_))));
+    h.call(|r| Command::Cancel(id, r)).unwrap();
+    assert!(matches!(s.next(), Some(D::Cancel(_))));
+    // The preparation's answer arrives anyway: ignored, and the workspace is torn down.
+    h.from(
+        &s,
+        Up::Prepared(proto::PrepareResult {
+            build_id: id,
+            error: "Atomizer canceled.".into(),
+            ..Default::default()
+        }),
+    );
+    assert!(matches!(s.next(), Some(D::Teardown(_))));
+    assert_eq!(state(&h.build(id)), proto::BuildState::Canceled);
+}
+
+#[tokio::test]
+async fn failing_setup_errors_the_build_but_keeps_the_slave() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s", 2);
+    let id = h.submit(dir_request(CONFIG));
+    assert!(matches!(s.next(), Some(D::Prepare(_))));
+    h.prepared(&s, id, job(0, 0), atoms(2));
+    assert!(matches!(s.next(), Some(D::Setup(_))));
+    h.from(
+        &s,
+        Up::Setup(proto::SetupResult {
+            build_id: id,
+            ok: false,
+            error: "setup_build exited with code 1".into(),
+        }),
+    );
+    let b = h.build(id);
+    assert_eq!(state(&b), proto::BuildState::Error);
+    assert!(
+        b.error_message.contains("setup_build exited with code 1"),
+        "{}",
+        b.error_message
+    );
+    assert!(matches!(s.next(), Some(D::Teardown(_))));
+    // The slave is still registered and gets the next build.
+    let id2 = h.submit(dir_request(CONFIG));
+    assert!(matches!(s.next(), Some(D::Prepare(p)) if p.build_id == id2));
+}
+
+#[tokio::test]
+async fn setup_failure_on_one_slave_moves_work_to_another() {
+    let mut h = Harness::new();
+    let mut a = h.slave("a", 1);
+    let mut b = h.slave("b", 1);
+    let id = h.submit(dir_request(CONFIG));
+    let prep_a = matches!(a.next(), Some(D::Prepare(_)));
+    if !prep_a {
+        assert!(matches!(b.next(), Some(D::Prepare(_))));
+    }
+    let (p, q) = if prep_a {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let pid = p.id;
+    h.core.handle(Command::FromSlave(
+        pid,
+        Up::Prepared(proto::PrepareResult {
+            build_id: id,
+            job: Some(job(0, 0)),
+            atoms: atoms(2),
+            ..Default::default()
+        }),
+    ));
+    // Both get set up (2 subjobs, 1 executor each).
+    assert!(matches!(p.next(), Some(D::Setup(_))));
+    assert!(matches!(q.next(), Some(D::Setup(_))));
+    h.core.handle(Command::FromSlave(
+        pid,
+        Up::Setup(proto::SetupResult {
+            build_id: id,
+            ok: false,
+            error: "boom".into(),
+        }),
+    ));
+    assert!(matches!(p.next(), Some(D::Teardown(_))));
+    let qid = q.id;
+    h.core.handle(Command::FromSlave(
+        qid,
+        Up::Setup(proto::SetupResult {
+            build_id: id,
+            ok: true,
+            error: String::new(),
+        }),
+    ));
+    assert_eq!(state(&h.build(id)), proto::BuildState::Building);
+    let mut total = 0;
+    loop {
+        let runs = run_subjobs(&q.all());
+        if runs.is_empty() {
+            break;
+        }
+        for r in runs {
+            total += 1;
+            h.core.handle(Command::FromSlave(
+                qid,
+                Up::AtomResult(proto::AtomResult {
+                    build_id: id,
+                    subjob_id: r.subjob_id,
+                    atom_id: 0,
+                    attempt: r.attempt,
+                    exit_code: 0,
+                    seconds: 0.1,
+                    artifact_files: 0,
+                }),
+            ));
+            h.core.handle(Command::FromSlave(
+                qid,
+                Up::SubjobDone(proto::SubjobDone {
+                    build_id: id,
+                    subjob_id: r.subjob_id,
+                    attempt: r.attempt,
+                }),
+            ));
+        }
+    }
+    assert_eq!(total, 2);
+    assert!(p.all().is_empty(), "the failed slave got no subjob");
+    h.run_results().await;
+    assert_eq!(state(&h.build(id)), proto::BuildState::Finished);
+}
+
+#[tokio::test]
+async fn the_second_build_is_grouped_by_recorded_times() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s", 1);
+    let times = [1.0, 10.0, 11.0, 2.0, 10.0, 5.0, 2.0, 8.0, 10.0, 3.0];
+    for round in 0..2 {
+        let id = h.submit(dir_request(CONFIG));
+        assert!(matches!(s.next(), Some(D::Prepare(_))));
+        h.prepared(&s, id, job(2, 0), atoms(10));
+        let subjobs = h
+            .call(|reply| Command::ListSubjobs {
+                build: id,
+                offset: 0,
+                limit: 0,
+                reply,
+            })
+            .unwrap();
+        if round == 0 {
+            assert_eq!(subjobs.total, 10, "no history: one atom per subjob");
+            assert!(
+                subjobs
+                    .subjobs
+                    .iter()
+                    .all(|s| s.atoms[0].expected_time.is_none())
+            );
+        } else {
+            // Spec §10.5's first vector (a1..a10 = TOKEN 0..9).
+            let groups: Vec<Vec<String>> = subjobs
+                .subjobs
+                .iter()
+                .map(|s| {
+                    let mut g: Vec<String> =
+                        s.atoms.iter().map(|a| a.command_string.clone()).collect();
+                    g.sort();
+                    g
+                })
+                .collect();
+            let tok = |is: &[usize]| {
+                let mut g: Vec<String> = is
+                    .iter()
+                    .map(|i| format!("export TOKEN=\"{i}\";"))
+                    .collect();
+                g.sort();
+                g
+            };
+            assert_eq!(
+                groups,
+                vec![
+                    tok(&[2, 1, 9]),
+                    tok(&[4, 8, 3, 6]),
+                    tok(&[7]),
+                    tok(&[5]),
+                    tok(&[0])
+                ]
+            );
+            assert!(
+                subjobs
+                    .subjobs
+                    .iter()
+                    .all(|s| s.atoms.iter().all(|a| a.expected_time.is_some()))
+            );
+        }
+        assert!(matches!(s.next(), Some(D::Setup(_))));
+        h.setup_ok(&s, id);
+        loop {
+            let runs = run_subjobs(&s.all());
+            if runs.is_empty() {
+                break;
+            }
+            for r in runs {
+                for a in &r.atoms {
+                    let sj = &subjobs.subjobs[r.subjob_id as usize];
+                    let token: usize = sj.atoms[a.atom_id as usize]
+                        .command_string
+                        .trim_start_matches("export TOKEN=\"")
+                        .trim_end_matches("\";")
+                        .parse()
+                        .unwrap();
+                    h.from(
+                        &s,
+                        Up::AtomResult(proto::AtomResult {
+                            build_id: id,
+                            subjob_id: r.subjob_id,
+                            atom_id: a.atom_id,
+                            attempt: r.attempt,
+                            exit_code: 0,
+                            seconds: times[token],
+                            artifact_files: 0,
+                        }),
+                    );
+                }
+                h.from(
+                    &s,
+                    Up::SubjobDone(proto::SubjobDone {
+                        build_id: id,
+                        subjob_id: r.subjob_id,
+                        attempt: r.attempt,
+                    }),
+                );
+            }
+        }
+        h.run_results().await;
+        assert_eq!(state(&h.build(id)), proto::BuildState::Finished);
+        assert!(matches!(s.next(), Some(D::Teardown(_))));
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_and_nothing_is_stored() {
+    let mut h = Harness::new();
+    let cases: Vec<(proto::BuildRequest, &str)> = vec![
+        (proto::BuildRequest::default(), "Invalid build request type"),
+        (
+            proto::BuildRequest {
+                source: Some(proto::ProjectSource {
+                    kind: Some(proto::project_source::Kind::Git(proto::GitSource::default())),
+                }),
+                ..Default::default()
+            },
+            "Required parameters: ['url']",
+        ),
+        (
+            dir_request(r#"{"commands": ["x"]}"#),
+            "missing required config sections",
+        ),
+        (dir_request("[1]"), "not a dictionary"),
+        (
+            proto::BuildRequest {
+                project_directory: "../up".into(),
+                ..dir_request(CONFIG)
+            },
+            "without \"..\"",
+        ),
+    ];
+    for (req, needle) in cases {
+        let err = h.call(|r| Command::Submit(req, r)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.to_string().contains(needle),
+            "{err} should contain {needle}"
+        );
+    }
+    let list = h
+        .call(|reply| Command::ListBuilds {
+            offset: 0,
+            limit: 0,
+            unfinished_only: false,
+            reply,
+        })
+        .unwrap();
+    assert_eq!(list.total, 0);
+    assert!(h.core.store.load_builds().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_silent_slave_is_lost_after_the_heartbeat_deadline() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s", 1);
+    let id = h.submit(dir_request(CONFIG));
+    assert!(matches!(s.next(), Some(D::Prepare(_))));
+    h.core.handle(Command::Tick(Instant::now()));
+    assert_eq!(h.call(Command::ListSlaves).unwrap().slaves.len(), 1);
+    h.core
+        .handle(Command::Tick(Instant::now() + Duration::from_secs(60)));
+    assert!(h.call(Command::ListSlaves).unwrap().slaves.is_empty());
+    // Its preparation went back to the queue.
+    assert_eq!(state(&h.build(id)), proto::BuildState::Queued);
+}
+
+#[tokio::test]
+async fn builds_resume_after_a_restart() {
+    let store = Store::temporary().unwrap();
+    let id;
+    {
+        let mut h = Harness::with_store(store.clone());
+        let mut s = h.slave("s", 1);
+        id = h.submit(dir_request(CONFIG));
+        assert!(matches!(s.next(), Some(D::Prepare(_))));
+        h.prepared(&s, id, job(0, 0), atoms(2));
+        assert!(matches!(s.next(), Some(D::Setup(_))));
+        h.setup_ok(&s, id);
+        let r = run_subjobs(&s.all()).pop().unwrap();
+        h.complete(&s, &r, 0, 0.3);
+    }
+    // A new core over the same database: one subjob done, one to run.
+    let mut h = Harness::with_store(store);
+    h.core.recover().unwrap();
+    let b = h.build(id);
+    assert_eq!(state(&b), proto::BuildState::Building);
+    assert_eq!(b.completed_subjobs, 1);
+    let mut s = h.slave("s", 1);
+    assert!(matches!(s.next(), Some(D::Setup(_))));
+    h.setup_ok(&s, id);
+    let runs = run_subjobs(&s.all());
+    assert_eq!(runs.len(), 1);
+    h.complete(&s, &runs[0], 0, 0.3);
+    h.run_results().await;
+    let b = h.build(id);
+    assert_eq!(state(&b), proto::BuildState::Finished);
+    assert_eq!(b.completed_atoms, 2);
+}
+
+#[tokio::test]
+async fn a_draining_slave_gets_no_new_work() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s", 2);
+    let ids = h
+        .call(|reply| Command::Drain {
+            ids: vec![s.id],
+            all: false,
+            reply,
+        })
+        .unwrap();
+    assert_eq!(ids, [s.id]);
+    assert!(matches!(s.next(), Some(D::Drain(_))));
+    h.submit(dir_request(CONFIG));
+    assert!(s.next().is_none());
+    let err = h
+        .call(|reply| Command::Drain {
+            ids: vec![99],
+            all: false,
+            reply,
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
