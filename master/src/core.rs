@@ -747,7 +747,7 @@ impl Core {
             Command::SlaveConnected(reg, tx, reply) => {
                 let _ = reply.send(self.slave_connected(reg, tx));
             }
-            Command::FromSlave(sid, msg) => self.from_slave(sid, msg),
+            Command::FromSlave(sid, msg) => self.on_slave_message(sid, msg),
             Command::SlaveDisconnected(sid) => {
                 if self.slaves.contains_key(&sid) {
                     self.lose_slave(sid, "its stream ended");
@@ -1028,7 +1028,7 @@ impl Core {
         Ok(id)
     }
 
-    fn from_slave(&mut self, sid: u64, msg: Up) {
+    fn on_slave_message(&mut self, sid: u64, msg: Up) {
         let Some(slave) = self.slaves.get_mut(&sid) else {
             tracing::debug!(
                 slave = sid,

@@ -53,29 +53,31 @@ impl ConsoleFiles {
         c: proto::ConsoleChunk,
     ) -> Result<(), MasterError> {
         let key = (c.attempt, c.atom_id);
-        if !self.open.contains_key(&key) {
-            let dir = handle
-                .call(|reply| Command::UploadTarget {
-                    slave,
-                    build: c.build_id,
-                    subjob: c.subjob_id,
-                    atom: c.atom_id,
-                    attempt: c.attempt,
-                    reply,
-                })
-                .await?;
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .map_err(|e| MasterError::io("creating console directory", e))?;
-            let f = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join(crate::results::CONSOLE_FILE))
-                .await
-                .map_err(|e| MasterError::io("opening console file", e))?;
-            self.open.insert(key, f);
-        }
-        let f = self.open.get_mut(&key).expect("inserted above");
+        let f = match self.open.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let dir = handle
+                    .call(|reply| Command::UploadTarget {
+                        slave,
+                        build: c.build_id,
+                        subjob: c.subjob_id,
+                        atom: c.atom_id,
+                        attempt: c.attempt,
+                        reply,
+                    })
+                    .await?;
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(|e| MasterError::io("creating console directory", e))?;
+                let f = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(crate::results::CONSOLE_FILE))
+                    .await
+                    .map_err(|e| MasterError::io("opening console file", e))?;
+                e.insert(f)
+            }
+        };
         f.write_all(&c.data)
             .await
             .map_err(|e| MasterError::io("writing console", e))?;

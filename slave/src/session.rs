@@ -641,7 +641,6 @@ async fn run_atom(
     };
     let forward = {
         let ctx = ctx.clone();
-        let chunk_of = chunk_of.clone();
         async move {
             while let Some(mut data) = orx.recv().await {
                 // Batch whatever is already waiting into one message.

@@ -1,0 +1,442 @@
+//! Multi-process tests of the real `ish` binary: one master and two slaves as separate processes
+//! on 127.0.0.1, killed for real. Every process a test starts is stopped when the test ends.
+mod support;
+
+use ish_core::proto;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+const ISH: &str = env!("CARGO_BIN_EXE_ish");
+
+/// A child process that is killed (SIGKILL) if the test did not stop it.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[&str], secret: &str, logs: &Path) -> Self {
+        let log = logs.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(ISH)
+            .args(args)
+            .env("ISH_SECRET", secret)
+            .env("ISH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig` and waits (bounded) for the exit code.
+    fn signal_and_wait(&mut self, sig: Signal, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not exit within {timeout:?} after {sig:?}; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running; log:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    secret: String,
+    url: String,
+    master: Proc,
+    slaves: Vec<Proc>,
+}
+
+impl Cluster {
+    async fn start(slaves: usize, executors: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = ish_core::auth::generate_secret();
+        let master_dir = dir.path().join("master");
+        let master = Proc::spawn(
+            "master",
+            &[
+                "master",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                master_dir.to_str().unwrap(),
+            ],
+            &secret,
+            dir.path(),
+        );
+        let addr_file = master_dir.join("master.addr");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !addr_file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "master did not start:\n{}",
+                master.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let url = format!(
+            "http://{}",
+            std::fs::read_to_string(&addr_file).unwrap().trim()
+        );
+        let mut c = Self {
+            dir,
+            secret,
+            url,
+            master,
+            slaves: Vec::new(),
+        };
+        for i in 0..slaves {
+            c.start_slave(i, executors);
+        }
+        c.wait_slaves(slaves).await;
+        c
+    }
+
+    fn start_slave(&mut self, i: usize, executors: u32) {
+        let data = self.dir.path().join(format!("slave-{i}"));
+        let p = Proc::spawn(
+            &format!("slave-{i}"),
+            &[
+                "slave",
+                "--master",
+                &self.url,
+                "--executors",
+                &executors.to_string(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--name",
+                &format!("slave-{i}"),
+            ],
+            &self.secret,
+            self.dir.path(),
+        );
+        self.slaves.push(p);
+    }
+
+    async fn clients(&self) -> (ish_cli::local::BuildsClient, ish_cli::local::ClusterClient) {
+        ish_cli::local::connect(&self.url, &self.secret, Duration::from_secs(10))
+            .await
+            .unwrap()
+    }
+
+    async fn wait_slaves(&self, n: usize) {
+        let (_, mut cl) = self.clients().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = cl
+                .list_slaves(proto::ListSlavesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .slaves
+                .len();
+            if got == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{got} of {n} slaves registered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM every role; each must exit 0.
+    fn stop(mut self) {
+        for s in &mut self.slaves {
+            if s.child.is_some() {
+                assert_eq!(
+                    s.signal_and_wait(Signal::SIGTERM, Duration::from_secs(15)),
+                    Some(0),
+                    "{}",
+                    s.log()
+                );
+            }
+        }
+        assert_eq!(
+            self.master
+                .signal_and_wait(Signal::SIGTERM, Duration::from_secs(15)),
+            Some(0),
+            "{}",
+            self.master.log()
+        );
+    }
+}
+
+const JOB: &str = r#"
+Build:
+  setup_build:
+    - echo "$ISH_SLAVE_NAME" >> "$MARKER/setup"
+  commands:
+    - sleep 0.1
+    - echo "artifact $TOKEN" > "$ARTIFACT_DIR/a.txt"
+    - echo "console $TOKEN"
+    - test "$TOKEN" != 13
+  atomizers:
+    - TOKEN: seq 1 20
+  teardown_build:
+    - echo "$ISH_SLAVE_NAME" >> "$MARKER/teardown"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_binaries_build_a_git_repo_with_the_ish_build_client() {
+    let c = Cluster::start(2, 2).await;
+    let repo = Repo::new();
+    repo.commit(&[("clusterrunner.yaml", JOB)], "job");
+    let marker = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // The client as a user runs it, from a work directory: exit 1 because atom 13 fails,
+    // results unpacked into ./build_results.
+    let out = Command::new(ISH)
+        .args([
+            "build",
+            "--master",
+            &c.url,
+            "--env",
+            &format!("MARKER={}", marker.path().display()),
+            "git",
+            "--url",
+            &repo.url(),
+        ])
+        .env("ISH_SECRET", &c.secret)
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "ish build must fail because atom 13 fails:\n{stderr}"
+    );
+    assert!(stderr.contains("FAILURE"), "{stderr}");
+    let (mut b, _) = c.clients().await;
+    let builds = b
+        .list(proto::ListBuildsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .builds;
+    let id = builds.last().unwrap().id;
+    let build = get(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished);
+    assert_eq!((build.num_atoms, build.failed_atom_count), (20, 1));
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("console {t}\n"),
+        exit_code: if t == "13" { 1 } else { 0 },
+        files: vec![("a.txt".into(), format!("artifact {t}\n").into_bytes())],
+    })
+    .await;
+    // ./build_results holds exactly what results.zip holds.
+    let zip = zip_files(&download(&mut b, id, proto::ArchiveFormat::Zip).await);
+    let results = work.path().join("build_results");
+    let mut on_disk = std::collections::BTreeMap::new();
+    let mut stack = vec![results.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e
+                    .path()
+                    .strip_prefix(&results)
+                    .unwrap()
+                    .display()
+                    .to_string();
+                on_disk.insert(rel, std::fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    assert_eq!(on_disk, zip);
+    assert!(on_disk.contains_key("failures.txt"));
+    // Setup and teardown ran exactly once on each slave that ran atoms.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while marker_lines(&marker.path().join("teardown")).len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        marker_lines(&marker.path().join("setup")),
+        ["slave-0", "slave-1"]
+    );
+    assert_eq!(
+        marker_lines(&marker.path().join("teardown")),
+        ["slave-0", "slave-1"]
+    );
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_slave_mid_build_loses_nothing() {
+    let mut c = Cluster::start(2, 2).await;
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "K:\n  commands: ['sleep 0.3', 'echo $T > $ARTIFACT_DIR/t', 'echo done $T']\n  atomizers: [{T: 'seq 1 24'}]\n",
+    )
+    .unwrap();
+    let (mut b, mut cl) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    wait_for(&mut b, id, Duration::from_secs(30), |b| {
+        b.completed_atoms >= 4
+    })
+    .await;
+    kill(c.slaves[1].pid(), Signal::SIGKILL).unwrap();
+    c.slaves[1].wait_exit(Duration::from_secs(5));
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("done {t}\n"),
+        exit_code: 0,
+        files: vec![("t".into(), format!("{t}\n").into_bytes())],
+    })
+    .await;
+    let sjs = subjobs(&mut b, id).await;
+    assert!(
+        sjs.iter().any(|s| s.attempts >= 2),
+        "the killed slave's running subjobs were dispatched again"
+    );
+    assert!(
+        sjs.iter()
+            .flat_map(|s| &s.atoms)
+            .all(|a| a.slave == "slave-0" || a.slave == "slave-1")
+    );
+    let slaves = cl
+        .list_slaves(proto::ListSlavesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .slaves;
+    assert_eq!(
+        slaves.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["slave-0"]
+    );
+    c.slaves.remove(1);
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_with_the_wrong_secret_exits_with_a_clear_error() {
+    let c = Cluster::start(1, 1).await;
+    let data = c.dir.path().join("intruder");
+    let out = Command::new(ISH)
+        .args([
+            "slave",
+            "--master",
+            &c.url,
+            "--executors",
+            "1",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .env("ISH_SECRET", "definitely-wrong")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("wrong cluster secret"), "{stderr}");
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_outlives_its_master_and_rejoins_the_restarted_one() {
+    let mut c = Cluster::start(1, 1).await;
+    let master_dir = c.dir.path().join("master");
+    let addr = std::fs::read_to_string(master_dir.join("master.addr")).unwrap();
+    assert_eq!(
+        c.master
+            .signal_and_wait(Signal::SIGKILL, Duration::from_secs(5)),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        c.slaves[0]
+            .child
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "the slave must keep running"
+    );
+    c.master = Proc::spawn(
+        "master2",
+        &[
+            "master",
+            "--listen",
+            addr.trim(),
+            "--data-dir",
+            master_dir.to_str().unwrap(),
+        ],
+        &c.secret,
+        c.dir.path(),
+    );
+    c.wait_slaves(1).await;
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "R:\n  commands: ['echo $T']\n  atomizers: [{T: 'seq 3'}]\n",
+    )
+    .unwrap();
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    assert_eq!(
+        state(&wait_final(&mut b, id).await),
+        proto::BuildState::Finished
+    );
+    c.stop();
+}
