@@ -682,3 +682,94 @@ async fn a_wrong_secret_is_refused() {
     assert!(e.to_string().contains("wrong cluster secret"), "{e}");
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn console_output_is_served_live_while_the_atom_runs() {
+    use tokio_stream::StreamExt;
+    let (c, _d) = cluster(1, 1).await;
+    let marker = tempfile::tempdir().unwrap();
+    let go = marker.path().join("go");
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        format!(
+            "C:\n  commands: ['for i in 0 1 2 3 4; do echo line_$i; done', 'while [ ! -f {} ]; do sleep 0.02; done', 'echo last']\n  atomizers: [{{V: 'echo 1'}}]\n",
+            go.display()
+        ),
+    )
+    .unwrap();
+    let (mut b, _) = c.clients().await.unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let console = |offset_line: Option<u64>, max_lines: u32| proto::GetConsoleRequest {
+        build_id: id,
+        subjob_id: 0,
+        atom_id: 0,
+        max_lines,
+        offset_line,
+    };
+    // While the atom waits for `go`, the first five lines are already on the master.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let page = loop {
+        match b.get_console(console(None, 50)).await {
+            Ok(p) if p.get_ref().total_num_lines == 5 => break p.into_inner(),
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "live console never showed 5 lines"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(page.content, "line_0\nline_1\nline_2\nline_3\nline_4\n");
+    let p = b
+        .get_console(console(Some(1), 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (p.offset_line, p.num_lines, p.content.as_str()),
+        (1, 2, "line_1\nline_2\n")
+    );
+    let err = b.get_console(console(Some(155), 5)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(state(&get(&mut b, id).await), proto::BuildState::Building);
+    // A follower sees everything up to the end of the atom, then the stream ends.
+    let mut tail = b
+        .tail_console(proto::TailConsoleRequest {
+            build_id: id,
+            subjob_id: 0,
+            atom_id: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(&go, "").unwrap();
+    let mut all = Vec::new();
+    let collected = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = tail.next().await {
+            all.extend_from_slice(&chunk.unwrap().data);
+        }
+    })
+    .await;
+    assert!(collected.is_ok(), "the tail did not end with the atom");
+    assert_eq!(
+        String::from_utf8(all).unwrap(),
+        "line_0\nline_1\nline_2\nline_3\nline_4\nlast\n"
+    );
+    wait_final(&mut b, id).await;
+    let p = b.get_console(console(None, 2)).await.unwrap().into_inner();
+    assert_eq!(
+        (p.offset_line, p.total_num_lines, p.content.as_str()),
+        (4, 6, "line_4\nlast\n")
+    );
+    // Unknown atoms are NOT_FOUND.
+    let mut bad = console(None, 5);
+    bad.atom_id = 3;
+    assert_eq!(
+        b.get_console(bad).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    c.shutdown().await.unwrap();
+}

@@ -440,3 +440,137 @@ async fn a_slave_outlives_its_master_and_rejoins_the_restarted_one() {
     );
     c.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_slave_finishes_its_work_leaves_and_exits_0() {
+    let mut c = Cluster::start(2, 1).await;
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "D:\n  commands: ['sleep 0.3', 'echo $T > $ARTIFACT_DIR/t']\n  atomizers: [{T: 'seq 1 8'}]\n",
+    )
+    .unwrap();
+    let (mut b, mut cl) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    wait_for(&mut b, id, Duration::from_secs(30), |b| {
+        b.completed_atoms >= 1
+    })
+    .await;
+    let slaves = cl
+        .list_slaves(proto::ListSlavesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .slaves;
+    let victim = slaves.iter().find(|s| s.name == "slave-1").unwrap().id;
+    let drained = cl
+        .drain_slaves(proto::DrainSlavesRequest {
+            slave_ids: vec![victim],
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drained.slave_ids, [victim]);
+    assert_eq!(
+        c.slaves[1].wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        c.slaves[1].log()
+    );
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        build.result,
+        proto::BuildResult::NoFailures as i32,
+        "{build:#?}"
+    );
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: String::new(),
+        exit_code: 0,
+        files: vec![("t".into(), format!("{t}\n").into_bytes())],
+    })
+    .await;
+    let names: Vec<String> = cl
+        .list_slaves(proto::ListSlavesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .slaves
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["slave-0"]);
+    c.slaves.remove(1);
+    c.stop();
+}
+
+/// `ish local`: master, gateway and slaves in one process; the gateway answers `GET /`, a build
+/// runs, and SIGTERM stops it all with exit code 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ish_local_serves_builds_and_the_gateway_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("local.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "slaves = 1\nexecutors = 2\nmaster_listen = \"127.0.0.1:0\"\ngateway_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(ISH)
+        .args(["local", "--config", conf.to_str().unwrap()])
+        .env("ISH_SECRET", "local-test-secret")
+        .env("ISH_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = Proc {
+        name: "local".into(),
+        child: None,
+        log: dir.path().join("none"),
+    };
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut master, mut gateway) = (String::new(), String::new());
+    while master.is_empty() || gateway.is_empty() {
+        let line = lines
+            .next()
+            .expect("ish local printed its addresses")
+            .unwrap();
+        if let Some(u) = line.trim().strip_prefix("master (gRPC): ") {
+            master = u.to_string();
+        }
+        if let Some(u) = line.trim().strip_prefix("gateway (REST): http://") {
+            gateway = u.to_string();
+        }
+    }
+    guard.child = Some(child);
+    // The gateway answers GET / with 200 and a JSON object.
+    let mut s = std::net::TcpStream::connect(&gateway).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("{}"), "{resp}");
+    // A build through the master.
+    let (mut b, _) = ish_cli::local::connect(&master, "local-test-secret", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("clusterrunner.yaml"),
+        "L:\n  commands: ['echo $X']\n  atomizers: [{X: 'seq 4'}]\n",
+    )
+    .unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    assert_eq!(
+        guard.signal_and_wait(Signal::SIGTERM, Duration::from_secs(15)),
+        Some(0)
+    );
+}

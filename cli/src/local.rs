@@ -9,6 +9,7 @@ use ish_core::auth::SecretInterceptor;
 use ish_core::proto;
 use ish_master::MasterConfig;
 use ish_slave::SlaveConfig;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,6 +51,37 @@ pub async fn connect(
             .max_decoding_message_size(64 << 20),
         proto::cluster_client::ClusterClient::with_interceptor(channel, auth),
     ))
+}
+
+/// Settings of `ish local` (`conf/local.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// Number of slaves. Default 2.
+    pub slaves: u32,
+    /// Executors per slave. Default 2.
+    pub executors: u32,
+    /// Data directory. Default `~/.ish/local`.
+    pub data_dir: PathBuf,
+    /// Master gRPC listen address. Default `127.0.0.1:43100`.
+    pub master_listen: String,
+    /// Gateway listen address. Default `127.0.0.1:43000`.
+    pub gateway_listen: String,
+    /// Cluster secret. Default: generated for this run and printed.
+    pub secret: Option<String>,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            slaves: 2,
+            executors: 2,
+            data_dir: ish_master::config::default_home().join("local"),
+            master_listen: "127.0.0.1:43100".into(),
+            gateway_listen: "127.0.0.1:43000".into(),
+            secret: None,
+        }
+    }
 }
 
 /// What to start.

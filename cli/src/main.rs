@@ -2,10 +2,10 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ish_cli::client::{self, BuildOptions, ClientConfig};
-use ish_cli::local::{LocalCluster, LocalOptions};
+use ish_cli::local::{LocalCluster, LocalConfig, LocalOptions};
 use ish_cli::settings::{self, expand_tilde};
 use ish_core::proto::{self, project_source::Kind};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -15,9 +15,10 @@ use std::path::PathBuf;
     about = "Ish CD: a gRPC-first distributed build and job cluster"
 )]
 struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ish_master=debug`.
-    #[arg(long, global = true, env = "ISH_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ish_master=debug`. Default: `info`
+    /// for the roles, `warn` for client verbs (an embedded cluster stays quiet).
+    #[arg(long, global = true, env = "ISH_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -97,37 +98,6 @@ struct GatewayArgs {
     /// Print the merged settings as TOML and exit.
     #[arg(long)]
     print_config: bool,
-}
-
-/// Settings of `ish local` (`conf/local.toml`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct LocalConfig {
-    /// Number of slaves. Default 2.
-    slaves: u32,
-    /// Executors per slave. Default 2.
-    executors: u32,
-    /// Data directory. Default `~/.ish/local`.
-    data_dir: PathBuf,
-    /// Master gRPC listen address. Default `127.0.0.1:43100`.
-    master_listen: String,
-    /// Gateway listen address. Default `127.0.0.1:43000`.
-    gateway_listen: String,
-    /// Cluster secret. Default: generated for this run and printed.
-    secret: Option<String>,
-}
-
-impl Default for LocalConfig {
-    fn default() -> Self {
-        Self {
-            slaves: 2,
-            executors: 2,
-            data_dir: ish_master::config::default_home().join("local"),
-            master_listen: "127.0.0.1:43100".into(),
-            gateway_listen: "127.0.0.1:43000".into(),
-            secret: None,
-        }
-    }
 }
 
 #[derive(Args, Debug)]
@@ -388,9 +358,15 @@ async fn build(a: BuildArgs) -> anyhow::Result<i32> {
 
 fn main() {
     let cli = Cli::parse();
+    let default_log = if matches!(cli.cmd, Cmd::Build(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter = cli.log.as_deref().unwrap_or(default_log);
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default_log.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -71,3 +71,79 @@ pub fn client_secret(configured: Option<String>) -> anyhow::Result<String> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../conf")
+            .join(name)
+    }
+
+    /// Every shipped settings file parses into its role's settings (unknown keys are errors), and
+    /// uncommenting its documented values changes nothing: the comments tell the truth.
+    #[test]
+    fn shipped_settings_files_parse_and_document_the_defaults() {
+        fn check<T: DeserializeOwned + Default + serde::Serialize>(name: &str) {
+            let path = conf(name);
+            let parsed: T = load(Some(&path)).unwrap();
+            assert_eq!(
+                toml::to_string(&parsed).unwrap(),
+                toml::to_string(&T::default()).unwrap(),
+                "{name}"
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Uncomment the `# key = value` lines that precede any `# [table]`.
+            let mut uncommented = String::new();
+            for line in text.lines() {
+                let Some(l) = line.strip_prefix("# ") else {
+                    continue;
+                };
+                if l.starts_with('[') {
+                    break;
+                }
+                if let Some((k, _)) = l.split_once(" = ")
+                    && !k.is_empty()
+                    && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                {
+                    uncommented.push_str(l);
+                    uncommented.push('\n');
+                }
+            }
+            let value: toml::Table = toml::from_str(&uncommented)
+                .unwrap_or_else(|e| panic!("{name}: {e}\n{uncommented}"));
+            let defaults: toml::Table =
+                toml::from_str(&toml::to_string(&T::default()).unwrap()).unwrap();
+            for (k, v) in &value {
+                // Paths and CPU counts depend on the machine; optional keys show an example.
+                if matches!(k.as_str(), "data_dir" | "executors") || !defaults.contains_key(k) {
+                    continue;
+                }
+                assert_eq!(
+                    Some(v),
+                    defaults.get(k),
+                    "{name}: documented {k} is not the default"
+                );
+            }
+            let _: T = toml::from_str(&uncommented).unwrap();
+        }
+        check::<ish_master::MasterConfig>("master.toml");
+        check::<ish_slave::SlaveConfig>("slave.toml");
+        check::<ish_gateway::GatewayConfig>("gateway.toml");
+        check::<crate::local::LocalConfig>("local.toml");
+        check::<crate::client::ClientConfig>("client.toml");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("ish-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.toml");
+        std::fs::write(&f, "listen = \"x\"\nlisten_adress = \"y\"\n").unwrap();
+        let err = load::<ish_master::MasterConfig>(Some(&f)).unwrap_err();
+        assert!(format!("{err:#}").contains("listen_adress"), "{err:#}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -35,6 +35,8 @@ pub type Reply<T> = oneshot::Sender<Result<T>>;
 pub struct ConsoleLocation {
     /// The console file (may not exist yet while the atom has printed nothing).
     pub path: PathBuf,
+    /// Where the file is until the results queue has moved it to `path` (completed atoms only).
+    pub pending: Option<PathBuf>,
     /// True once the atom's result is recorded: the file will not grow any more.
     pub complete: bool,
 }
@@ -261,6 +263,8 @@ pub struct Core {
     slaves: BTreeMap<u64, Slave>,
     attempts: HashMap<u64, Attempt>,
     next_attempt: u64,
+    /// End of the block of attempt ids reserved in the store.
+    attempt_end: u64,
     next_slave_id: u64,
     /// Slaves whose channel failed during this command; dropped once it is handled.
     doomed: BTreeSet<u64>,
@@ -565,7 +569,8 @@ impl Core {
             active: BTreeSet::new(),
             slaves: BTreeMap::new(),
             attempts: HashMap::new(),
-            next_attempt: 1,
+            next_attempt: 0,
+            attempt_end: 0,
             next_slave_id: 1,
             doomed: BTreeSet::new(),
         }
@@ -658,6 +663,27 @@ impl Core {
                 _ => {}
             }
             if !b.state.is_final() {
+                // A result may have been stored just before the crash, before its files were
+                // moved into place: promotion is idempotent, so redo it for every result.
+                let commands = b
+                    .job
+                    .as_ref()
+                    .map(|j| j.commands.clone())
+                    .unwrap_or_default();
+                for a in b.subjobs.iter().flat_map(|s| &s.atoms) {
+                    if let (Some(exit_code), true) = (a.exit_code, a.attempt > 0) {
+                        let _ = self.results.send(ResultsJob::Promote {
+                            build: id,
+                            attempt: a.attempt,
+                            subjob: a.subjob_id,
+                            atom: a.id,
+                            command: jobconfig::atom_command(&a.command_string, &commands),
+                            exit_code,
+                            seconds: a.actual_time.unwrap_or_default(),
+                            recovering: true,
+                        });
+                    }
+                }
                 tracing::info!(build = id, state = ?b.state, pending = b.pending.len(), "resuming build after restart");
                 self.active.insert(id);
             }
@@ -669,6 +695,23 @@ impl Core {
             self.check_complete(id);
         }
         Ok(())
+    }
+
+    /// A fresh attempt id (unique for the data dir: attempt ids name directories).
+    fn new_attempt(&mut self) -> u64 {
+        const BLOCK: u64 = 1 << 20;
+        if self.next_attempt >= self.attempt_end {
+            match self.store.reserve_attempts(BLOCK) {
+                Ok(start) => {
+                    self.next_attempt = start;
+                    self.attempt_end = start + BLOCK;
+                }
+                // Keep going in memory; ids only risk repeating after a restart.
+                Err(e) => tracing::error!(error = %e, "could not reserve attempt ids"),
+            }
+        }
+        self.next_attempt += 1;
+        self.next_attempt - 1
     }
 
     /// Handles one command.
@@ -903,8 +946,14 @@ impl Core {
             .get(atom as usize)
             .ok_or_else(|| MasterError::NotFound("Invalid atom id.".into()))?;
         if a.exit_code.is_some() {
+            let pending = (a.attempt > 0).then(|| {
+                self.layout
+                    .attempt_atom_dir(id, a.attempt, subjob, atom)
+                    .join(CONSOLE_FILE)
+            });
             return Ok(ConsoleLocation {
                 path: self.layout.atom_dir(id, subjob, atom).join(CONSOLE_FILE),
+                pending,
                 complete: true,
             });
         }
@@ -914,6 +963,7 @@ impl Core {
                     .layout
                     .attempt_atom_dir(id, attempt, subjob, atom)
                     .join(CONSOLE_FILE),
+                pending: None,
                 complete: false,
             }),
             _ => Err(MasterError::NotFound(format!(
@@ -1141,6 +1191,7 @@ impl Core {
                         exit_code: None,
                         state: proto::AtomState::NotStarted as i32,
                         slave: String::new(),
+                        attempt: 0,
                     })
                     .collect(),
                 running: None,
@@ -1285,6 +1336,7 @@ impl Core {
         }
         a.exit_code = Some(r.exit_code);
         a.actual_time = Some(r.seconds);
+        a.attempt = r.attempt;
         a.state = proto::AtomState::Completed as i32;
         a.slave = name;
         let atom = a.clone();
@@ -1303,6 +1355,7 @@ impl Core {
             command: jobconfig::atom_command(&atom.command_string, &commands),
             exit_code: r.exit_code,
             seconds: r.seconds,
+            recovering: false,
         });
         self.notify(r.build_id);
     }
@@ -1700,8 +1753,7 @@ impl Core {
     }
 
     fn dispatch_one(&mut self, id: u64, sid: u64) -> bool {
-        let attempt = self.next_attempt;
-        self.next_attempt += 1;
+        let attempt = self.new_attempt();
         let slave = self.slaves.get_mut(&sid).expect("checked");
         let slot = slave.free_slots.pop_first().expect("checked");
         slave.busy.insert(slot, Work::Subjob(attempt));

@@ -248,12 +248,41 @@ impl BuildsService {
     }
 }
 
+/// Reads an atom's console from `offset`, wherever it is right now: a completed atom's file may
+/// still be in its attempt directory until the results queue moves it (an atomic rename).
+async fn read_console(loc: &ConsoleLocation, offset: u64) -> std::io::Result<Vec<u8>> {
+    for _ in 0..3 {
+        if tokio::fs::try_exists(&loc.path).await.unwrap_or(false) {
+            return read_from(&loc.path, offset).await;
+        }
+        match &loc.pending {
+            Some(p) if tokio::fs::try_exists(p).await.unwrap_or(false) => {
+                match read_from_strict(p, offset).await {
+                    Ok(d) => return Ok(d),
+                    // Moved between the check and the read: look again.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => {}
+        }
+        if loc.pending.is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    read_from(&loc.path, offset).await
+}
+
 async fn read_from(path: &PathBuf, offset: u64) -> std::io::Result<Vec<u8>> {
-    let mut f = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
+    match read_from_strict(path, offset).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        other => other,
+    }
+}
+
+async fn read_from_strict(path: &PathBuf, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = tokio::fs::File::open(path).await?;
     f.seek(std::io::SeekFrom::Start(offset)).await?;
     let mut buf = Vec::new();
     f.read_to_end(&mut buf).await?;
@@ -336,7 +365,7 @@ impl proto::builds_server::Builds for BuildsService {
         let loc = self
             .console_location(q.build_id, q.subjob_id, q.atom_id)
             .await?;
-        let data = read_from(&loc.path, 0)
+        let data = read_console(&loc, 0)
             .await
             .map_err(|e| Status::from(MasterError::io("reading console", e)))?;
         let max_lines = if q.max_lines == 0 {
@@ -371,7 +400,7 @@ impl proto::builds_server::Builds for BuildsService {
             let mut loc = first;
             let mut offset = 0u64;
             loop {
-                let data = match read_from(&loc.path, offset).await {
+                let data = match read_console(&loc, offset).await {
                     Ok(d) => d,
                     Err(e) => {
                         let _ = tx

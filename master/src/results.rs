@@ -85,6 +85,8 @@ pub enum ResultsJob {
         exit_code: i32,
         /// Seconds.
         seconds: f64,
+        /// Re-done after a master restart: an atom directory already in place is kept.
+        recovering: bool,
     },
     /// Write failures.txt and both archives.
     Archive {
@@ -112,11 +114,19 @@ pub async fn run(layout: ResultsLayout, mut rx: mpsc::UnboundedReceiver<ResultsJ
                 command,
                 exit_code,
                 seconds,
+                recovering,
             } => {
                 let res = tokio::task::spawn_blocking(move || {
-                    promote(
-                        &layout, build, attempt, subjob, atom, &command, exit_code, seconds,
-                    )
+                    let p = Promotion {
+                        build,
+                        attempt,
+                        subjob,
+                        atom,
+                        command: &command,
+                        exit_code,
+                        seconds,
+                    };
+                    promote(&layout, &p, recovering)
                 })
                 .await;
                 match res {
@@ -155,26 +165,36 @@ pub async fn run(layout: ResultsLayout, mut rx: mpsc::UnboundedReceiver<ResultsJ
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn promote(
-    layout: &ResultsLayout,
+struct Promotion<'a> {
     build: u64,
     attempt: u64,
     subjob: u32,
     atom: u32,
-    command: &str,
+    command: &'a str,
     exit_code: i32,
     seconds: f64,
-) -> std::io::Result<()> {
-    let src = layout.attempt_atom_dir(build, attempt, subjob, atom);
-    let dst = layout.atom_dir(build, subjob, atom);
-    std::fs::create_dir_all(&src)?;
-    if dst.exists() {
-        // A result recorded before a master crash but not in the database: this attempt wins.
-        std::fs::remove_dir_all(&dst)?;
+}
+
+/// Makes an attempt's files the atom's results. The rename is atomic, so a reader finds the
+/// console either in the attempt directory or in the atom directory, never half-moved.
+fn promote(layout: &ResultsLayout, p: &Promotion<'_>, recovering: bool) -> std::io::Result<()> {
+    let src = layout.attempt_atom_dir(p.build, p.attempt, p.subjob, p.atom);
+    let dst = layout.atom_dir(p.build, p.subjob, p.atom);
+    if src.exists() {
+        if dst.exists() {
+            // Left by an attempt whose result was lost in a crash: the recorded attempt wins.
+            std::fs::remove_dir_all(&dst)?;
+        }
+        std::fs::rename(&src, &dst)?;
+    } else if !(recovering && dst.exists()) {
+        // The atom printed nothing and wrote no artifacts (or, when recovering, it was
+        // promoted before the restart and only the bookkeeping files are rewritten).
+        if dst.exists() {
+            std::fs::remove_dir_all(&dst)?;
+        }
+        std::fs::create_dir_all(&dst)?;
     }
-    std::fs::rename(&src, &dst)?;
-    write_atom_files(&dst, command, exit_code, seconds)
+    write_atom_files(&dst, p.command, p.exit_code, p.seconds)
 }
 
 /// Writes ClusterRunner's per-atom bookkeeping files into an atom directory.

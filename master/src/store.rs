@@ -28,6 +28,7 @@ pub struct Store {
 }
 
 const NEXT_BUILD_ID: &[u8] = b"next_build_id";
+const NEXT_ATTEMPT: &[u8] = b"next_attempt";
 
 fn atom_key(build: u64, subjob: u32, atom: u32) -> [u8; 16] {
     let mut k = [0u8; 16];
@@ -75,6 +76,24 @@ impl Store {
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .unwrap_or_default();
         Ok(u64::from_be_bytes(bytes))
+    }
+
+    /// Reserves `count` consecutive attempt ids and returns the first. Attempt ids name
+    /// directories on disk, so they must not repeat after a restart; reserving blocks keeps
+    /// that to one write per block.
+    pub fn reserve_attempts(&self, count: u64) -> Result<u64> {
+        let v = self.meta.fetch_and_update(NEXT_ATTEMPT, |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(1);
+            Some((n + count).to_be_bytes().to_vec())
+        })?;
+        let start = v
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1);
+        Ok(start)
     }
 
     /// Writes a build record.
@@ -207,6 +226,20 @@ mod tests {
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.next_build_id().unwrap(), 3);
+    }
+
+    #[test]
+    fn attempt_blocks_never_overlap_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let s = Store::open(dir.path()).unwrap();
+            let a = s.reserve_attempts(10).unwrap();
+            assert_eq!(s.reserve_attempts(10).unwrap(), a + 10);
+            s.db.flush().unwrap();
+            a
+        };
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.reserve_attempts(5).unwrap(), first + 20);
     }
 
     #[test]
