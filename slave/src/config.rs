@@ -34,18 +34,31 @@ pub struct SlaveConfig {
     pub git: GitConfig,
 }
 
-/// Credentials for git remotes (ssh agent and default keys are always tried).
+/// Credentials for git remotes (ssh agent and default keys are always tried), and how network
+/// remotes are fetched.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GitConfig {
     /// Private key for ssh remotes. Default: ssh-agent, then `~/.ssh/id_ed25519`, `~/.ssh/id_rsa`.
+    /// With the `cli` transport, setting it makes ssh offer only this key.
     pub ssh_key: Option<PathBuf>,
-    /// Passphrase of `ssh_key`.
+    /// Passphrase of `ssh_key`. Only the `libgit2` transport uses it; with `cli` (which never
+    /// prompts), load an encrypted key into the slave's ssh-agent instead.
     pub ssh_key_passphrase: Option<String>,
     /// User name for https remotes. Default: the URL's user, or `x-access-token`.
     pub https_username: Option<String>,
-    /// Token or password for https remotes.
+    /// Token or password for https remotes. With the `cli` transport it is handed to git as an
+    /// `Authorization` header through its environment (never its command line), and the slave
+    /// user's git credential helpers are then not consulted.
     pub https_token: Option<String>,
+    /// How https, http, ssh and git:// remotes are fetched:
+    /// - `"cli"` (default): the system `git` command (needs git installed; uses the slave user's
+    ///   git and ssh configuration, never prompts);
+    /// - `"libgit2"`: libgit2's own transports; only in slaves built with the `libgit2-network`
+    ///   cargo feature (which needs OpenSSL headers and pkg-config to build).
+    ///
+    /// Local paths and `file://` urls always use libgit2 in process.
+    pub transport: crate::git::GitTransport,
 }
 
 impl Default for SlaveConfig {
@@ -94,6 +107,7 @@ impl From<&GitConfig> for crate::git::GitCredentials {
             ssh_key_passphrase: g.ssh_key_passphrase.clone(),
             https_username: g.https_username.clone(),
             https_token: g.https_token.clone(),
+            transport: g.transport,
         }
     }
 }

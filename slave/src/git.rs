@@ -5,12 +5,26 @@
 //! cloned locally from the cache (hard links, no network), with HEAD detached at the requested
 //! commit and `origin` pointing at the user's URL.
 //!
+//! How the cache talks to the remote depends on the URL:
+//! - local paths and `file://` URLs: libgit2, in process;
+//! - network URLs (`https://`, `http://`, `ssh://`, `git://`, `[user@]host:path`): by default
+//!   the system `git` command (`git ls-remote`, then `git fetch` into the cache), as cargo does
+//!   with `net.git-fetch-with-cli`. That keeps OpenSSL out of the build, and ssh, proxies,
+//!   credential helpers and `insteadOf` rules work as they do for `git` on that machine. It never
+//!   prompts: anything that would need a human fails with git's message. With
+//!   [`GitTransport::Libgit2`] and the `libgit2-network` cargo feature, libgit2's own transports
+//!   are used instead.
+//!
+//! Everything after the fetch (resolving the commit, checkouts) is libgit2.
+//!
 //! All functions here block; async callers run them in `spawn_blocking`.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -21,6 +35,7 @@ use git2::{
     ObjectType, Oid, ProxyOptions, Reference, Remote, RemoteCallbacks, Repository,
     RepositoryInitOptions,
 };
+use serde::{Deserialize, Serialize};
 
 /// Remote name used when a request leaves it empty.
 const DEFAULT_REMOTE: &str = "origin";
@@ -33,6 +48,32 @@ const MAX_CACHE_NAME: usize = 64;
 /// libgit2 re-invokes the credentials callback after every rejected credential, so without a cap
 /// a wrong key or token would loop forever.
 const MAX_CREDENTIAL_ATTEMPTS: u32 = 6;
+/// The command run for network remotes with [`GitTransport::Cli`].
+const GIT_PROGRAM: &str = "git";
+/// Why a network fetch cannot start when the `git` command is missing.
+const GIT_MISSING: &str = "the git command is needed for https/ssh remotes; install git or build \
+                           the slave with the libgit2-network feature";
+/// Why a network fetch cannot start with [`GitTransport::Libgit2`] in a default build.
+const NO_LIBGIT2_NETWORK: &str = "this slave was built without libgit2 network support (cargo \
+                                  feature libgit2-network), so git.transport = \"libgit2\" only \
+                                  works for local repositories; use git.transport = \"cli\"";
+/// Transports the `git` command may use: what [`validate_url`] lets through, so that a remote
+/// like `ext::<command>` cannot run commands even where the user's git config would allow it.
+const CLI_PROTOCOLS: &str = "http:https:ssh:git";
+/// Longest part of git's error output kept in an error message (its end, where the cause is).
+const MAX_GIT_STDERR: usize = 2000;
+/// Environment variables that would point the `git` command at another repository than the
+/// cache (set when the slave itself runs under git, e.g. from a hook).
+const REPO_ENV_VARS: &[&str] = &[
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_COMMON_DIR",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_NAMESPACE",
+    "GIT_PREFIX",
+];
 
 /// Errors from fetching or checking out a project. Messages are meant for end users: they end up
 /// as the build's error message.
@@ -137,11 +178,31 @@ impl GitError {
     }
 }
 
-/// Credentials offered to remotes that ask for them.
+/// How network remotes (https, http, ssh, git://, `user@host:path`) are fetched. Local paths and
+/// `file://` URLs always use libgit2 in process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GitTransport {
+    /// The system `git` command, with prompts disabled (the default).
+    #[default]
+    Cli,
+    /// libgit2's own transports; needs a slave built with the `libgit2-network` cargo feature.
+    Libgit2,
+}
+
+/// Credentials offered to remotes that ask for them, and how network remotes are reached.
 ///
-/// SSH: the ssh-agent is tried first, then `ssh_key` (or `~/.ssh/id_ed25519` and `~/.ssh/id_rsa`
-/// when not set). HTTPS: `https_username`/`https_token` when a token is set, then the platform's
-/// default credentials (Negotiate/NTLM) where the server allows them.
+/// With [`GitTransport::Cli`] the `git` command authenticates, never prompting. SSH: `ssh` with
+/// the slave user's agent, keys and `~/.ssh/config`, or only `ssh_key` when set (a key that needs
+/// a passphrase must be loaded in the agent; `ssh_key_passphrase` is not used). HTTPS: when
+/// `https_token` is set it is sent as basic authentication with `https_username` (through the
+/// environment of `git`, never its command line) and credential helpers are not consulted;
+/// otherwise the user's git credential helpers answer.
+///
+/// With [`GitTransport::Libgit2`]: SSH: the ssh-agent is tried first, then `ssh_key` (or
+/// `~/.ssh/id_ed25519` and `~/.ssh/id_rsa` when not set). HTTPS: `https_username`/`https_token`
+/// when a token is set, then the platform's default credentials (Negotiate/NTLM) where the
+/// server allows them.
 #[derive(Clone, Default)]
 pub struct GitCredentials {
     /// Private key file for ssh remotes.
@@ -152,6 +213,8 @@ pub struct GitCredentials {
     pub https_username: Option<String>,
     /// Token (or password) for https remotes.
     pub https_token: Option<String>,
+    /// How network remotes are fetched.
+    pub transport: GitTransport,
 }
 
 // Hand-written so that secrets never reach logs through `{:?}`.
@@ -163,6 +226,7 @@ impl fmt::Debug for GitCredentials {
             .field("ssh_key_passphrase", &redacted(&self.ssh_key_passphrase))
             .field("https_username", &self.https_username)
             .field("https_token", &redacted(&self.https_token))
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -187,6 +251,8 @@ pub struct FetchRequest<'a> {
 pub struct RepoCache {
     root: PathBuf,
     creds: GitCredentials,
+    /// The `git` command for network remotes (a field so tests can make it missing).
+    git_program: PathBuf,
 }
 
 impl RepoCache {
@@ -195,6 +261,7 @@ impl RepoCache {
         RepoCache {
             root: root.into(),
             creds,
+            git_program: PathBuf::from(GIT_PROGRAM),
         }
     }
 
@@ -230,13 +297,22 @@ impl RepoCache {
         }
         validate_branch(req.branch)?;
         let wanted = HashSpec::parse(req.hash)?;
+        let backend = self.backend_for(req.url, &shown_url)?;
 
         let path = self.cache_path(req.url);
         let lock = path_lock(&path);
         let _guard = lock_ignoring_poison(&lock);
 
         let (repo, created) = open_or_init_cache(&self.root, &path)?;
-        let result = self.fetch_locked(&repo, &path, remote_name, req, wanted.as_ref(), &shown_url);
+        let result = self.fetch_locked(
+            &repo,
+            &path,
+            backend,
+            remote_name,
+            req,
+            wanted.as_ref(),
+            &shown_url,
+        );
         if result.is_err() && created {
             // A mistyped URL or a first fetch that failed must not leave an empty cache behind.
             drop(repo);
@@ -255,11 +331,39 @@ impl RepoCache {
         Ok(commit.to_string())
     }
 
+    /// Which transport fetches `url`.
+    fn backend_for(&self, url: &str, shown_url: &str) -> Result<Backend, GitError> {
+        if !is_network_url(url) {
+            return Ok(Backend::Libgit2);
+        }
+        match self.creds.transport {
+            GitTransport::Cli => Ok(Backend::Cli),
+            GitTransport::Libgit2 if cfg!(feature = "libgit2-network") => Ok(Backend::Libgit2),
+            GitTransport::Libgit2 => Err(GitError::Fetch {
+                url: shown_url.to_owned(),
+                message: NO_LIBGIT2_NETWORK.to_owned(),
+            }),
+        }
+    }
+
+    /// The `git` command working on the cache repository at `path` for `url`.
+    fn cli<'a>(&'a self, path: &'a Path, url: &'a str, shown_url: &'a str) -> GitCli<'a> {
+        GitCli {
+            program: &self.git_program,
+            git_dir: path,
+            creds: &self.creds,
+            url,
+            shown_url,
+        }
+    }
+
     /// The part of [`RepoCache::fetch`] that runs with the cache locked and opened.
+    #[allow(clippy::too_many_arguments)]
     fn fetch_locked(
         &self,
         repo: &Repository,
         path: &Path,
+        backend: Backend,
         remote_name: &str,
         req: &FetchRequest<'_>,
         wanted: Option<&HashSpec>,
@@ -272,12 +376,21 @@ impl RepoCache {
             tracing::debug!(url = %shown_url, %commit, "commit already cached; not fetching");
             return Ok(commit);
         }
-        let fetched = self.fetch_branch(repo, path, remote_name, req.branch, shown_url)?;
+        let cli = self.cli(path, req.url, shown_url);
+        let fetched = match backend {
+            Backend::Libgit2 => {
+                self.fetch_branch(repo, path, remote_name, req.branch, shown_url)?
+            }
+            Backend::Cli => cli.fetch_branch(repo, remote_name, req.branch)?,
+        };
         match wanted {
             None => peel_fetched(repo, shown_url, fetched),
             Some(spec) => match lookup_commit(repo, shown_url, spec)? {
                 Some(oid) => Ok(oid),
-                None => self.fetch_by_id(repo, path, remote_name, spec, shown_url),
+                None => match backend {
+                    Backend::Libgit2 => self.fetch_by_id(repo, path, remote_name, spec, shown_url),
+                    Backend::Cli => cli.fetch_by_id(repo, remote_name, spec),
+                },
             },
         }
     }
@@ -405,17 +518,8 @@ impl RepoCache {
             .ok()
             .and_then(|b| b.as_str().ok().map(str::to_owned));
 
-        let (src, oid) =
-            pick_remote_ref(&heads, head_target.as_deref(), branch).ok_or_else(|| {
-                GitError::BranchNotFound {
-                    url: shown_url.to_owned(),
-                    branch: if branch.is_empty() {
-                        DEFAULT_BRANCH.to_owned()
-                    } else {
-                        branch.to_owned()
-                    },
-                }
-            })?;
+        let (src, oid) = pick_remote_ref(&heads, head_target.as_deref(), branch)
+            .ok_or_else(|| branch_not_found(shown_url, branch))?;
         let refspec = format!("+{src}:{}", local_ref_for(remote_name, &src));
         tracing::debug!(url = %shown_url, %refspec, "fetching");
         // Reusing the open connection saves a second handshake (notably for ssh).
@@ -464,6 +568,451 @@ impl RepoCache {
             .download_tags(AutotagOption::Auto);
         fo
     }
+}
+
+/// How one fetch reaches the remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// libgit2 in process: local repositories, and network ones with [`GitTransport::Libgit2`].
+    Libgit2,
+    /// The `git` command: network repositories with [`GitTransport::Cli`].
+    Cli,
+}
+
+/// True for URLs that need a network transport: everything [`validate_url`] accepts except
+/// absolute paths and `file://` URLs.
+fn is_network_url(url: &str) -> bool {
+    match url.split_once("://") {
+        Some((scheme, _)) => !scheme.eq_ignore_ascii_case("file"),
+        None => !url.starts_with('/'),
+    }
+}
+
+fn branch_not_found(shown_url: &str, branch: &str) -> GitError {
+    GitError::BranchNotFound {
+        url: shown_url.to_owned(),
+        branch: if branch.is_empty() {
+            DEFAULT_BRANCH.to_owned()
+        } else {
+            branch.to_owned()
+        },
+    }
+}
+
+/// The `git` command run against one cache repository, for network remotes. It is used like a
+/// library: prompts disabled, output captured, secrets passed through its environment.
+#[derive(Debug)]
+struct GitCli<'a> {
+    program: &'a Path,
+    git_dir: &'a Path,
+    creds: &'a GitCredentials,
+    url: &'a str,
+    shown_url: &'a str,
+}
+
+/// What a finished `git` command left behind.
+#[derive(Debug)]
+struct CliOutput {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    /// Cleaned up for messages: secrets redacted, one line, at most [`MAX_GIT_STDERR`] bytes.
+    stderr: String,
+}
+
+impl GitCli<'_> {
+    /// Lists the remote's refs, fetches the one `branch` designates (see [`pick_remote_ref`])
+    /// and returns the id it was stored with.
+    fn fetch_branch(
+        &self,
+        repo: &Repository,
+        remote_name: &str,
+        branch: &str,
+    ) -> Result<Oid, GitError> {
+        let listed = self.run(&["ls-remote", "--symref", "--", remote_name])?;
+        if !listed.status.success() {
+            return Err(self.failure(&listed));
+        }
+        let (heads, head_target) = parse_ls_remote(&listed.stdout);
+        let (src, _) = pick_remote_ref(&heads, head_target.as_deref(), branch)
+            .ok_or_else(|| branch_not_found(self.shown_url, branch))?;
+        let dst = local_ref_for(remote_name, &src);
+        let refspec = format!("+{src}:{dst}");
+        tracing::debug!(url = %self.shown_url, %refspec, "fetching with the git command");
+        let fetched = self.run(&[
+            "fetch",
+            "--no-prune",
+            "--no-recurse-submodules",
+            "--",
+            remote_name,
+            &refspec,
+        ])?;
+        if !fetched.status.success() {
+            // The ref went away since it was listed.
+            if fetched.stderr.contains("couldn't find remote ref") {
+                return Err(branch_not_found(self.shown_url, branch));
+            }
+            return Err(self.failure(&fetched));
+        }
+        // What git stored rather than what was listed: the branch may have moved in between.
+        repo.refname_to_id(&dst).map_err(|e| GitError::Fetch {
+            url: self.shown_url.to_owned(),
+            message: format!("git fetch did not store {dst}: {}", describe(&e)),
+        })
+    }
+
+    /// Asks the remote for a commit by id (servers only hand out objects by full id, and only
+    /// when they allow it: protocol v2, or `uploadpack.allow*SHA1InWant`).
+    fn fetch_by_id(
+        &self,
+        repo: &Repository,
+        remote_name: &str,
+        spec: &HashSpec,
+    ) -> Result<Oid, GitError> {
+        let not_found = || GitError::CommitNotFound {
+            url: self.shown_url.to_owned(),
+            hash: spec.text(),
+        };
+        let HashSpec::Full(oid) = spec else {
+            return Err(not_found());
+        };
+        // Anchored under a ref so that a `git gc` of the cache does not drop it.
+        let refspec = format!("+{oid}:refs/ish/commits/{oid}");
+        tracing::debug!(url = %self.shown_url, %refspec, "fetching commit by id with the git command");
+        let fetched = self.run(&[
+            "fetch",
+            "--no-prune",
+            "--no-recurse-submodules",
+            "--",
+            remote_name,
+            &refspec,
+        ])?;
+        if !fetched.status.success() {
+            tracing::warn!(
+                url = %self.shown_url,
+                %oid,
+                error = %fetched.stderr,
+                "fetch by id failed"
+            );
+            return Err(not_found());
+        }
+        lookup_commit(repo, self.shown_url, spec)?.ok_or_else(not_found)
+    }
+
+    /// Runs `git <args>` on the cache and waits for it. Only a `git` that cannot be started is
+    /// an error here; callers judge the exit status.
+    fn run(&self, args: &[&str]) -> Result<CliOutput, GitError> {
+        let mut command = self.command(args)?;
+        tracing::debug!(url = %self.shown_url, ?args, "running git");
+        let output = command.output().map_err(|e| GitError::Fetch {
+            url: self.shown_url.to_owned(),
+            message: if e.kind() == io::ErrorKind::NotFound {
+                GIT_MISSING.to_owned()
+            } else {
+                format!("cannot run {}: {e}", self.program.display())
+            },
+        })?;
+        Ok(CliOutput {
+            status: output.status,
+            stdout: output.stdout,
+            stderr: self.clean_stderr(&output.stderr),
+        })
+    }
+
+    /// The command line and environment of `git <args>` (nothing secret on the command line).
+    fn command(&self, args: &[&str]) -> Result<Command, GitError> {
+        let mut command = Command::new(self.program);
+        command.arg("--git-dir").arg(self.git_dir);
+        // No askpass program (see GIT_ASKPASS below); no automatic gc or maintenance, which may
+        // go on in the background while a checkout copies objects out of the cache; no
+        // FETCH_HEAD, which nothing reads.
+        for setting in [
+            "core.askPass=",
+            "gc.auto=0",
+            "maintenance.auto=false",
+            "fetch.writeFetchHead=false",
+        ] {
+            command.arg("-c").arg(setting);
+        }
+        let header = self.auth_header();
+        if header.is_some() {
+            // The configured token is the credential: no helper may pop up or answer instead.
+            command.args(["-c", "credential.helper="]);
+        }
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for var in REPO_ENV_VARS {
+            command.env_remove(var);
+        }
+        command
+            // Never ask anyone anything: where git would prompt it fails with a message. An
+            // empty (but set) GIT_ASKPASS also hides core.askPass and SSH_ASKPASS from git.
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "")
+            .env_remove("SSH_ASKPASS")
+            .env("SSH_ASKPASS_REQUIRE", "never")
+            .env("GCM_INTERACTIVE", "never")
+            .env("GIT_SSH_COMMAND", self.ssh_command()?)
+            .env("GIT_ALLOW_PROTOCOL", CLI_PROTOCOLS)
+            // Messages in English, whatever the slave's locale, for logs and the hints below.
+            .env("LC_ALL", "C");
+        if let Some(header) = header {
+            // Through the environment rather than `-c`: every user can read a process's command
+            // line (`ps`), only its owner and root its environment. Settings the slave itself
+            // got through GIT_CONFIG_COUNT are kept.
+            let first = std::env::var("GIT_CONFIG_COUNT")
+                .ok()
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            command
+                .env(format!("GIT_CONFIG_KEY_{first}"), "http.extraHeader")
+                .env(format!("GIT_CONFIG_VALUE_{first}"), header)
+                .env("GIT_CONFIG_COUNT", (first + 1).to_string());
+        }
+        Ok(command)
+    }
+
+    /// `GIT_SSH_COMMAND`: batch mode always, so that a missing key, a passphrase or an unknown
+    /// host key fails instead of prompting; only the configured key when there is one.
+    fn ssh_command(&self) -> Result<String, GitError> {
+        let mut ssh = String::from("ssh");
+        if let Some(key) = &self.creds.ssh_key {
+            let key = key.to_str().ok_or_else(|| GitError::Fetch {
+                url: self.shown_url.to_owned(),
+                message: format!("the ssh key path {} is not valid UTF-8", key.display()),
+            })?;
+            ssh.push_str(" -i ");
+            ssh.push_str(&shell_quote(key));
+            ssh.push_str(" -o IdentitiesOnly=yes");
+        }
+        ssh.push_str(" -o BatchMode=yes");
+        Ok(ssh)
+    }
+
+    /// `Authorization: Basic base64(user:token)` when an https token is configured.
+    fn auth_header(&self) -> Option<String> {
+        let token = self
+            .creds
+            .https_token
+            .as_deref()
+            .filter(|t| !t.is_empty())?;
+        let user = self
+            .creds
+            .https_username
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .or_else(|| url_userinfo(self.url).map(|(user, _)| user))
+            .filter(|u| !u.is_empty())
+            .unwrap_or("x-access-token");
+        Some(format!(
+            "Authorization: Basic {}",
+            base64_encode(format!("{user}:{token}").as_bytes())
+        ))
+    }
+
+    /// Everything that must not show in a message, longest first (so that a secret containing
+    /// another one is replaced whole).
+    fn secrets(&self) -> Vec<String> {
+        let mut secrets: Vec<String> = [
+            self.creds.https_token.clone(),
+            self.auth_header()
+                .and_then(|h| h.rsplit_once(' ').map(|(_, value)| value.to_owned())),
+            self.creds.ssh_key_passphrase.clone(),
+            url_userinfo(self.url).and_then(|(_, password)| password.map(str::to_owned)),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .collect();
+        secrets.sort_by_key(|s| Reverse(s.len()));
+        secrets
+    }
+
+    /// git's error output as one readable line: secrets redacted, `fatal: `/`error: ` dropped,
+    /// blank lines skipped, only the end kept when it is long.
+    fn clean_stderr(&self, raw: &[u8]) -> String {
+        let text = redact_text(&String::from_utf8_lossy(raw), &self.secrets());
+        let mut out = String::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let line = ["fatal: ", "error: "]
+                .iter()
+                .find_map(|prefix| line.strip_prefix(prefix))
+                .unwrap_or(line);
+            if !out.is_empty() {
+                // git wraps long sentences over several lines; other lines are separate messages.
+                let continued = out.ends_with(['.', ':', ',', ';', '!', '?'])
+                    || line.starts_with(|c: char| c.is_lowercase());
+                out.push_str(if continued { " " } else { "; " });
+            }
+            out.push_str(line);
+        }
+        if out.len() > MAX_GIT_STDERR {
+            let mut start = out.len() - MAX_GIT_STDERR;
+            while !out.is_char_boundary(start) {
+                start += 1;
+            }
+            out = format!("…{}", &out[start..]);
+        }
+        out
+    }
+
+    /// The error for a failed `git` command: its message plus, where the cause is recognizable,
+    /// what to change on the slave.
+    fn failure(&self, output: &CliOutput) -> GitError {
+        let mut message = if output.stderr.is_empty() {
+            format!("git exited with {}", output.status)
+        } else {
+            output.stderr.clone()
+        };
+        if let Some(hint) = self.hint(&output.stderr) {
+            message.push_str(" (");
+            message.push_str(&hint);
+            message.push(')');
+        }
+        GitError::Fetch {
+            url: self.shown_url.to_owned(),
+            message,
+        }
+    }
+
+    fn hint(&self, stderr: &str) -> Option<String> {
+        let s = stderr.to_ascii_lowercase();
+        let has = |needles: &[&str]| needles.iter().any(|n| s.contains(n));
+        if has(&[
+            "terminal prompts disabled",
+            "authentication failed",
+            "invalid username or password",
+        ]) {
+            return Some(if self.auth_header().is_some() {
+                "the server did not accept the configured token: check git.https_token and \
+                 git.https_username in the slave's config"
+                    .to_owned()
+            } else {
+                "the server asks for credentials: set git.https_token in the slave's config, or \
+                 configure a git credential helper for the slave's user"
+                    .to_owned()
+            });
+        }
+        if has(&[
+            "permission denied (publickey",
+            "permission denied, please try again",
+        ]) {
+            let mut hint = "check the slave's ssh credentials: its ssh-agent, git.ssh_key or the \
+                            keys in ~/.ssh"
+                .to_owned();
+            if self.creds.ssh_key_passphrase.is_some() {
+                hint.push_str(
+                    "; git.ssh_key_passphrase is not used by the git command: load the key into \
+                     the slave's ssh-agent",
+                );
+            }
+            return Some(hint);
+        }
+        if has(&["host key verification failed"]) {
+            return Some(
+                "add the server's host key to the slave user's ~/.ssh/known_hosts".to_owned(),
+            );
+        }
+        None
+    }
+}
+
+/// `git ls-remote --symref` output: the advertised refs, and the ref the remote's HEAD points at.
+fn parse_ls_remote(stdout: &[u8]) -> (Vec<(String, Oid)>, Option<String>) {
+    let mut heads = Vec::new();
+    let mut head_target = None;
+    for line in String::from_utf8_lossy(stdout).lines() {
+        let Some((left, name)) = line.split_once('\t') else {
+            continue;
+        };
+        if let Some(target) = left.strip_prefix("ref: ") {
+            if name == "HEAD" {
+                head_target = Some(target.to_owned());
+            }
+            continue;
+        }
+        // `Oid::from_str` would also take (and zero-pad) short hex strings.
+        if left.len() == 40
+            && left.bytes().all(|b| b.is_ascii_hexdigit())
+            && let Ok(oid) = Oid::from_str(left)
+        {
+            heads.push((name.to_owned(), oid));
+        } else {
+            tracing::debug!(line, "ignoring unexpected git ls-remote output");
+        }
+    }
+    (heads, head_target)
+}
+
+/// The user name and password in a `scheme://user[:password]@host/…` URL.
+fn url_userinfo(url: &str) -> Option<(&str, Option<&str>)> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let (userinfo, _host) = authority.rsplit_once('@')?;
+    Some(match userinfo.split_once(':') {
+        Some((user, password)) => (user, Some(password)),
+        None => (userinfo, None),
+    })
+}
+
+/// `text` with every secret, and the password of every `scheme://user:password@` URL, replaced
+/// by `***`.
+fn redact_text(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_owned();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret.as_str(), "***");
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || matches!(c, '\'' | '"' | '>' | ')'))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                out.push_str(user);
+                out.push_str(":***@");
+                out.push_str(host);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `s` quoted for a POSIX shell (git runs `GIT_SSH_COMMAND` through `sh`).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Standard base64 (RFC 4648, with padding).
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A requested commit id.
@@ -1396,38 +1945,47 @@ mod tests {
     }
 
     impl Daemon {
-        /// `None` when the `git` command is not installed.
-        fn start(base: &Path) -> Option<Daemon> {
-            use std::net::{TcpListener, TcpStream};
-            let port = TcpListener::bind("127.0.0.1:0")
-                .ok()?
-                .local_addr()
-                .ok()?
-                .port();
-            let mut child = std::process::Command::new("git")
-                .arg("daemon")
-                .arg("--export-all")
-                .arg("--reuseaddr")
-                .arg("--listen=127.0.0.1")
-                .arg(format!("--port={port}"))
-                .arg(format!("--base-path={}", base.display()))
-                .arg(base)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .ok()?;
-            for _ in 0..200 {
+        /// Panics when the daemon cannot be started: git is part of every machine this project
+        /// supports, so that is a failure, not a reason to skip.
+        fn start(base: &Path) -> Daemon {
+            use std::net::TcpStream;
+            let port = closed_port();
+            // `git daemon` would run `git-daemon` as a child of its own, which killing `git`
+            // leaves behind; run the real daemon so that `Drop` stops it.
+            let exec_path = std::process::Command::new("git")
+                .arg("--exec-path")
+                .output()
+                .unwrap_or_else(|e| panic!("`git --exec-path` could not be run: {e}"));
+            assert!(exec_path.status.success(), "{exec_path:?}");
+            let exec_path = String::from_utf8(exec_path.stdout).unwrap();
+            let mut child =
+                std::process::Command::new(Path::new(exec_path.trim()).join("git-daemon"))
+                    .arg("--export-all")
+                    .arg("--reuseaddr")
+                    .arg("--listen=127.0.0.1")
+                    .arg(format!("--port={port}"))
+                    .arg(format!("--base-path={}", base.display()))
+                    .arg(base)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("`git daemon` could not be started: {e}"));
+            for _ in 0..400 {
                 if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Some(Daemon { child, port });
+                    return Daemon { child, port };
                 }
-                if let Ok(Some(_)) = child.try_wait() {
-                    return None;
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("`git daemon` exited at once: {status}");
                 }
                 std::thread::sleep(std::time::Duration::from_millis(25));
             }
             let _ = child.kill();
             let _ = child.wait();
-            None
+            panic!("`git daemon` did not listen on port {port} within 10 s");
+        }
+
+        fn url(&self, name: &str) -> String {
+            format!("git://127.0.0.1:{}/{name}", self.port)
         }
     }
 
@@ -1438,24 +1996,63 @@ mod tests {
         }
     }
 
+    /// A local port that nothing listens on (bound, then released).
+    fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
     #[test]
     fn git_daemon_remote() {
         let f = fixture();
+        // feature: A → C → D, so that C is reachable but no branch tip.
+        let d = f
+            .source
+            .commit("feature", Some(f.c), &[("d.txt", "from D")]);
+        let sig = Signature::now("Test", "test@example.com").unwrap();
+        let a_object = f.source.repo.find_object(f.a, None).unwrap();
+        f.source
+            .repo
+            .tag("v1", &a_object, &sig, "release", false)
+            .unwrap();
+        f.source
+            .repo
+            .tag_lightweight("light", &a_object, false)
+            .unwrap();
         let base = f.source.path.parent().unwrap();
-        // git is part of every machine this project supports, so not being able to run the
-        // daemon is a failure, not a reason to skip.
-        let daemon = Daemon::start(base).expect("`git daemon` could not be started");
-        let url = format!("git://127.0.0.1:{}/project.git", daemon.port);
-        let c = f.c.to_string();
+        let daemon = Daemon::start(base);
+        let url = daemon.url("project.git");
+        let (a, b, c) = (f.a.to_string(), f.b.to_string(), f.c.to_string());
+
+        // Branch heads, by name and full ref.
+        assert_eq!(f.cache.fetch(&req(&url, "master", "")).unwrap(), b);
+        assert_eq!(f.cache.fetch(&req(&url, "", "")).unwrap(), b);
         assert_eq!(
-            f.cache.fetch(&req(&url, "master", "")).unwrap(),
-            f.b.to_string()
+            f.cache.fetch(&req(&url, "refs/heads/master", "")).unwrap(),
+            b
         );
+        let path = f.cache.cache_path(&url);
+        let cache = Repository::open_bare(&path).unwrap();
+        assert_eq!(
+            cache
+                .find_reference("refs/remotes/origin/master")
+                .unwrap()
+                .target(),
+            Some(f.b)
+        );
+        // Only what was asked for came over.
+        assert!(cache.find_reference("refs/remotes/origin/feature").is_err());
+        assert!(cache.find_commit(d).is_err());
 
-        // By default servers refuse objects that are not advertised.
-        let err = f.cache.fetch(&req(&url, "master", &c)).unwrap_err();
-        assert!(matches!(err, GitError::CommitNotFound { .. }), "{err:?}");
+        // Tags, annotated (peeled to the commit) and lightweight.
+        assert_eq!(f.cache.fetch(&req(&url, "v1", "")).unwrap(), a);
+        assert_eq!(f.cache.fetch(&req(&url, "refs/tags/v1", "")).unwrap(), a);
+        assert_eq!(f.cache.fetch(&req(&url, "light", "")).unwrap(), a);
 
+        // A commit that is on no fetched branch and no branch tip: fetched by id.
         f.source
             .repo
             .config()
@@ -1463,25 +2060,500 @@ mod tests {
             .set_bool("uploadpack.allowReachableSHA1InWant", true)
             .unwrap();
         assert_eq!(f.cache.fetch(&req(&url, "master", &c)).unwrap(), c);
-        let cache = Repository::open_bare(f.cache.cache_path(&url)).unwrap();
         assert!(
             cache
                 .find_reference(&format!("refs/ish/commits/{c}"))
                 .is_ok()
         );
         assert!(cache.find_reference("refs/remotes/origin/feature").is_err());
+        // Abbreviated ids cannot be asked for, and unknown ones are not there.
+        let d_short = d.to_string()[..10].to_owned();
+        let err = f.cache.fetch(&req(&url, "master", &d_short)).unwrap_err();
+        assert!(
+            matches!(&err, GitError::CommitNotFound { hash, .. } if *hash == d_short),
+            "{err:?}"
+        );
+        let missing = "0123456789abcdef0123456789abcdef01234567";
+        let err = f.cache.fetch(&req(&url, "master", missing)).unwrap_err();
+        assert!(matches!(err, GitError::CommitNotFound { .. }), "{err:?}");
 
         let dest = TempDir::new().unwrap();
         f.cache.checkout(&url, &c, dest.path()).unwrap();
         assert!(dest.path().join("c.txt").exists());
+        assert!(!dest.path().join("d.txt").exists());
         let ws = Repository::open(dest.path()).unwrap();
         assert_eq!(ws.find_remote("origin").unwrap().url().unwrap(), url);
 
+        // Unknown branch, unknown repository.
         let err = f.cache.fetch(&req(&url, "nope", "")).unwrap_err();
-        assert!(matches!(err, GitError::BranchNotFound { .. }), "{err:?}");
-        let missing = format!("git://127.0.0.1:{}/missing.git", daemon.port);
-        let err = f.cache.fetch(&req(&missing, "", "")).unwrap_err();
+        assert!(
+            matches!(&err, GitError::BranchNotFound { branch, .. } if branch == "nope"),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("branch 'nope' was not found in {url}")
+        );
+        let missing_repo = daemon.url("missing.git");
+        let err = f.cache.fetch(&req(&missing_repo, "", "")).unwrap_err();
         assert!(matches!(err, GitError::Fetch { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("failed to fetch {missing_repo}: "))
+                && msg.contains("missing"),
+            "git's own message should be part of the error: {msg}"
+        );
+        assert!(!msg.contains("fatal:"), "{msg}");
+        assert!(!f.cache.cache_path(&missing_repo).exists());
+
+        // A second fetch only fetches into the same cache.
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        let marker = cache.blob(b"only in the cache").unwrap();
+        let e = f.source.commit("master", Some(f.b), &[("e.txt", "from E")]);
+        assert_eq!(
+            f.cache.fetch(&req(&url, "master", "")).unwrap(),
+            e.to_string()
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+        let cache = Repository::open_bare(&path).unwrap();
+        assert!(cache.find_blob(marker).is_ok());
+        assert_eq!(
+            std::fs::read_dir(f.cache.root())
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path() != f.cache.cache_path(&missing_repo))
+                .count(),
+            1
+        );
+
+        // A full id that is already cached needs no remote at all.
+        drop(daemon);
+        assert_eq!(f.cache.fetch(&req(&url, "master", &b)).unwrap(), b);
+        let err = f.cache.fetch(&req(&url, "master", "")).unwrap_err();
+        assert!(matches!(err, GitError::Fetch { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn git_daemon_empty_branch_falls_back_to_remote_head() {
+        let source = Source::new();
+        let m = source.commit("main", None, &[("m.txt", "main")]);
+        source.repo.set_head("refs/heads/main").unwrap();
+        let daemon = Daemon::start(source.path.parent().unwrap());
+        let url = daemon.url("project.git");
+        let cache_dir = TempDir::new().unwrap();
+        let cache = RepoCache::new(cache_dir.path(), GitCredentials::default());
+        assert_eq!(cache.fetch(&req(&url, "", "")).unwrap(), m.to_string());
+        let repo = Repository::open_bare(cache.cache_path(&url)).unwrap();
+        assert_eq!(
+            repo.find_reference("refs/remotes/origin/main")
+                .unwrap()
+                .target(),
+            Some(m)
+        );
+        let err = cache.fetch(&req(&url, "master", "")).unwrap_err();
+        assert!(matches!(err, GitError::BranchNotFound { .. }), "{err:?}");
+        // A remote name other than origin.
+        let named = FetchRequest {
+            url: &url,
+            remote: "upstream",
+            branch: "main",
+            hash: "",
+        };
+        assert_eq!(cache.fetch(&named).unwrap(), m.to_string());
+        assert!(repo.find_reference("refs/remotes/upstream/main").is_ok());
+    }
+
+    #[cfg(feature = "libgit2-network")]
+    #[test]
+    fn libgit2_transport_over_git_daemon() {
+        let f = fixture();
+        let daemon = Daemon::start(f.source.path.parent().unwrap());
+        let url = daemon.url("project.git");
+        let cache_dir = TempDir::new().unwrap();
+        let cache = RepoCache::new(
+            cache_dir.path(),
+            GitCredentials {
+                transport: GitTransport::Libgit2,
+                ..GitCredentials::default()
+            },
+        );
+        assert_eq!(
+            cache.fetch(&req(&url, "master", "")).unwrap(),
+            f.b.to_string()
+        );
+    }
+
+    #[cfg(not(feature = "libgit2-network"))]
+    #[test]
+    fn libgit2_transport_needs_the_feature() {
+        let f = fixture();
+        let cache = RepoCache::new(
+            f.cache.root(),
+            GitCredentials {
+                transport: GitTransport::Libgit2,
+                ..GitCredentials::default()
+            },
+        );
+        let url = format!("git://127.0.0.1:{}/project.git", closed_port());
+        let err = cache.fetch(&req(&url, "master", "")).unwrap_err();
+        assert!(matches!(err, GitError::Fetch { .. }), "{err:?}");
+        assert!(err.to_string().contains("libgit2-network"), "{err}");
+        assert!(!cache.root().exists(), "nothing may be created");
+        // Local repositories never needed network support.
+        let local = f.source.url();
+        assert_eq!(
+            cache.fetch(&req(&local, "master", "")).unwrap(),
+            f.b.to_string()
+        );
+    }
+
+    #[test]
+    fn http_closed_port_fails_fast_and_readably() {
+        let f = fixture();
+        let url = format!("http://127.0.0.1:{}/x.git", closed_port());
+        let started = Instant::now();
+        let err = f.cache.fetch(&req(&url, "master", "")).unwrap_err();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(err, GitError::Fetch { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("failed to fetch {url}: ")) && msg.contains("connect"),
+            "{msg}"
+        );
+        assert!(!f.cache.cache_path(&url).exists());
+    }
+
+    #[test]
+    fn ssh_closed_port_fails_fast_without_prompting() {
+        let f = fixture();
+        let cache = RepoCache::new(
+            f.cache.root(),
+            GitCredentials {
+                ssh_key: Some(PathBuf::from("/nonexistent/ish key")),
+                ..GitCredentials::default()
+            },
+        );
+        let url = format!("ssh://git@127.0.0.1:{}/x.git", closed_port());
+        let started = Instant::now();
+        let err = cache.fetch(&req(&url, "master", "")).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert!(matches!(err, GitError::Fetch { .. }), "{err:?}");
+        assert!(err.to_string().contains("Connection refused"), "{err}");
+    }
+
+    /// An http server that answers every request with 401 and remembers the requests' headers.
+    struct HttpStub {
+        port: u16,
+        requests: Arc<Mutex<Vec<String>>>,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl HttpStub {
+        fn start() -> HttpStub {
+            use std::io::{Read, Write};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (seen, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
+            let thread = std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stopped.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&request).into_owned());
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"ish\"\r\n\
+                          Content-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            });
+            HttpStub {
+                port,
+                requests,
+                stop,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for HttpStub {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    #[test]
+    fn http_credentials_required_fails_without_prompting() {
+        let f = fixture();
+        let stub = HttpStub::start();
+        let url = format!("http://127.0.0.1:{}/x.git", stub.port);
+        let started = Instant::now();
+        let err = f.cache.fetch(&req(&url, "master", "")).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("terminal prompts disabled") && msg.contains("git.https_token"),
+            "{msg}"
+        );
+        assert!(!stub.requests.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn https_token_is_sent_but_never_shown() {
+        const TOKEN: &str = "SECRET-TOKEN-123";
+        let f = fixture();
+        let cache = RepoCache::new(
+            f.cache.root(),
+            GitCredentials {
+                https_token: Some(TOKEN.to_owned()),
+                ..GitCredentials::default()
+            },
+        );
+        let encoded = base64_encode(format!("x-access-token:{TOKEN}").as_bytes());
+        let leaks = |text: &str| text.contains(TOKEN) || text.contains(&encoded);
+
+        // The server gets it, as basic authentication, and rejects it.
+        let stub = HttpStub::start();
+        let url = format!("http://127.0.0.1:{}/x.git", stub.port);
+        let err = cache.fetch(&req(&url, "master", "")).unwrap_err();
+        let requests = stub
+            .requests
+            .lock()
+            .unwrap()
+            .join("\n")
+            .to_ascii_lowercase();
+        assert!(
+            requests.contains(&format!(
+                "authorization: basic {}",
+                encoded.to_ascii_lowercase()
+            )),
+            "{requests}"
+        );
+        for text in [err.to_string(), format!("{err:?}")] {
+            assert!(!leaks(&text), "{text}");
+            assert!(
+                text.contains("did not accept the configured token"),
+                "{text}"
+            );
+        }
+
+        // Nothing listening; the token also in the URL.
+        let port = closed_port();
+        for url in [
+            format!("http://127.0.0.1:{port}/x.git"),
+            format!("https://me:{TOKEN}@127.0.0.1:{port}/x.git"),
+        ] {
+            let err = cache.fetch(&req(&url, "master", "")).unwrap_err();
+            assert!(matches!(err, GitError::Fetch { .. }), "{err:?}");
+            for text in [err.to_string(), format!("{err:?}")] {
+                assert!(!leaks(&text), "{text}");
+            }
+        }
+
+        // Not on the command line either.
+        let path = cache.cache_path(&url);
+        let command = cache
+            .cli(&path, &url, &url)
+            .command(&["ls-remote", "--", "origin"])
+            .unwrap();
+        assert!(
+            command.get_args().all(|arg| !leaks(&arg.to_string_lossy())),
+            "{command:?}"
+        );
+        let env: HashMap<String, String> = command
+            .get_envs()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.to_string_lossy().into_owned(),
+                    v?.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect();
+        let key = env
+            .iter()
+            .find(|(_, v)| *v == "http.extraHeader")
+            .unwrap()
+            .0;
+        let value = &env[&key.replace("KEY", "VALUE")];
+        assert_eq!(value, &format!("Authorization: Basic {encoded}"));
+    }
+
+    #[test]
+    fn git_command_never_prompts() {
+        let cache = RepoCache::new(
+            "/cache",
+            GitCredentials {
+                ssh_key: Some(PathBuf::from("/keys/it's")),
+                ..GitCredentials::default()
+            },
+        );
+        let url = "git@host:org/x.git";
+        let path = cache.cache_path(url);
+        let command = cache
+            .cli(&path, url, url)
+            .command(&["fetch", "--", "origin"])
+            .unwrap();
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args[..2],
+            ["--git-dir".to_owned(), path.display().to_string()]
+        );
+        assert!(args.contains(&"core.askPass=".to_owned()), "{args:?}");
+        // Without a token the user's credential helpers stay.
+        assert!(!args.contains(&"credential.helper=".to_owned()), "{args:?}");
+        let env: HashMap<String, Option<String>> = command
+            .get_envs()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.map(|v| v.to_string_lossy().into_owned()),
+                )
+            })
+            .collect();
+        assert_eq!(env["GIT_TERMINAL_PROMPT"].as_deref(), Some("0"));
+        assert_eq!(env["GIT_ASKPASS"].as_deref(), Some(""));
+        assert_eq!(env["SSH_ASKPASS"], None);
+        assert_eq!(
+            env["GIT_SSH_COMMAND"].as_deref(),
+            Some(r"ssh -i '/keys/it'\''s' -o IdentitiesOnly=yes -o BatchMode=yes")
+        );
+        assert!(!env.contains_key("GIT_CONFIG_COUNT"));
+    }
+
+    #[test]
+    fn missing_git_command_is_a_clear_error() {
+        let f = fixture();
+        let mut cache = f.cache.clone();
+        cache.git_program = PathBuf::from("/nonexistent/ish-test/git");
+        let url = "https://example.invalid/x.git";
+        let err = cache.fetch(&req(url, "master", "")).unwrap_err();
+        assert!(matches!(err, GitError::Fetch { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("failed to fetch {url}: {GIT_MISSING}")
+        );
+        assert!(err.to_string().contains("install git"), "{err}");
+        assert!(!cache.cache_path(url).exists());
+        // Local repositories do not need it.
+        let local = f.source.url();
+        assert_eq!(
+            cache.fetch(&req(&local, "master", "")).unwrap(),
+            f.b.to_string()
+        );
+    }
+
+    #[test]
+    fn transport_is_configured_in_lowercase() {
+        let parse = |s: &str| serde_json::from_str::<GitTransport>(s);
+        assert_eq!(parse("\"cli\"").unwrap(), GitTransport::Cli);
+        assert_eq!(parse("\"libgit2\"").unwrap(), GitTransport::Libgit2);
+        assert!(parse("\"Cli\"").is_err() && parse("\"ssh\"").is_err());
+        assert_eq!(GitTransport::default(), GitTransport::Cli);
+        assert_eq!(
+            serde_json::to_string(&GitTransport::Libgit2).unwrap(),
+            "\"libgit2\""
+        );
+        assert!(format!("{:?}", GitCredentials::default()).contains("transport: Cli"));
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+            ("x-access-token:SECRET", "eC1hY2Nlc3MtdG9rZW46U0VDUkVU"),
+        ] {
+            assert_eq!(base64_encode(input.as_bytes()), expected, "{input:?}");
+        }
+        assert_eq!(base64_encode(&[0xfb, 0xff, 0xbf]), "+/+/");
+        assert_eq!(base64_encode(&[0, 0, 0, 0]), "AAAAAA==");
+    }
+
+    #[test]
+    fn git_output_is_cleaned_and_redacted() {
+        let secrets = vec!["tok-123".to_owned()];
+        assert_eq!(
+            redact_text(
+                "unable to access 'https://me:pw@h/x/': tok-123; see http://h/ and ssh://git@h/",
+                &secrets
+            ),
+            "unable to access 'https://me:***@h/x/': ***; see http://h/ and ssh://git@h/"
+        );
+        let creds = GitCredentials {
+            https_token: Some("tok-123".to_owned()),
+            ..GitCredentials::default()
+        };
+        let cli = GitCli {
+            program: Path::new("git"),
+            git_dir: Path::new("/c"),
+            creds: &creds,
+            url: "https://h/x",
+            shown_url: "https://h/x",
+        };
+        let stderr = b"ssh: connect to host h port 22: Connection refused\r\n\
+            fatal: Could not read from remote repository.\n\n\
+            Please make sure you have the correct access rights\n\
+            and the repository exists.\n";
+        assert_eq!(
+            cli.clean_stderr(stderr),
+            "ssh: connect to host h port 22: Connection refused; Could not read from remote \
+             repository. Please make sure you have the correct access rights and the repository \
+             exists."
+        );
+        assert_eq!(cli.clean_stderr(b"error: bad tok-123\n"), "bad ***");
+        let long = "x".repeat(3 * MAX_GIT_STDERR) + " the cause";
+        let cleaned = cli.clean_stderr(long.as_bytes());
+        assert!(cleaned.ends_with("the cause") && cleaned.len() <= MAX_GIT_STDERR + 3);
+    }
+
+    #[test]
+    fn ls_remote_output_is_parsed() {
+        let out = b"ref: refs/heads/main\tHEAD\n\
+            1111111111111111111111111111111111111111\tHEAD\n\
+            1111111111111111111111111111111111111111\trefs/heads/main\n\
+            2222222222222222222222222222222222222222\trefs/tags/v1\n\
+            3333333333333333333333333333333333333333\trefs/tags/v1^{}\n\
+            abc\trefs/heads/short\n";
+        let (heads, head) = parse_ls_remote(out);
+        assert_eq!(head.as_deref(), Some("refs/heads/main"));
+        let names: Vec<&str> = heads.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["HEAD", "refs/heads/main", "refs/tags/v1", "refs/tags/v1^{}"]
+        );
+        let (src, _) = pick_remote_ref(&heads, head.as_deref(), "").unwrap();
+        assert_eq!(src, "refs/heads/main");
+        assert!(is_network_url("git@host:x") && is_network_url("HTTPS://h/x"));
+        assert!(!is_network_url("/srv/x") && !is_network_url("FILE:///srv/x"));
     }
 
     #[test]
