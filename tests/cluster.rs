@@ -121,9 +121,7 @@ async fn git_build_with_setup_atoms_artifacts_and_teardown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn directory_build_runs_setup_and_teardown_once_per_slave_in_the_project() {
     let (c, _d) = cluster(2, 2).await;
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    let project = project_with(
         r#"
 Dir:
   setup_build: ['echo "$ISH_SLAVE_NAME" >> "$PROJECT_DIR/setup.log"']
@@ -131,8 +129,7 @@ Dir:
   atomizers: [{TOKEN: 'for i in a b c d e f; do echo $i; done'}]
   teardown_build: ['echo "$ISH_SLAVE_NAME" >> "$PROJECT_DIR/teardown.log"']
 "#,
-    )
-    .unwrap();
+    );
     let (mut b, _) = c.clients().await.unwrap();
     let id = submit(&mut b, dir_request(project.path())).await;
     let build = wait_final(&mut b, id).await;
@@ -324,7 +321,7 @@ async fn every_job_config_error_is_reported() {
     ];
     for (yaml, message) in cases {
         let project = tempfile::tempdir().unwrap();
-        std::fs::write(project.path().join("clusterrunner.yaml"), yaml).unwrap();
+        write_job(project.path(), yaml);
         let id = submit(&mut b, dir_request(project.path())).await;
         let build = wait_final(&mut b, id).await;
         assert_eq!(state(&build), proto::BuildState::Error, "{yaml}");
@@ -375,11 +372,10 @@ async fn every_job_config_error_is_reported() {
         "{}",
         build.error_message
     );
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    write_job(
+        project.path(),
         "A:\n  commands: [x]\n  atomizers: [{V: 'echo'}]\n",
-    )
-    .unwrap();
+    );
     let mut req = dir_request(project.path());
     req.job_name = "Nope".into();
     let id = submit(&mut b, req).await;
@@ -398,11 +394,10 @@ async fn every_job_config_error_is_reported() {
         build.error_message
     );
     // A failing atomizer.
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    write_job(
+        project.path(),
         "A:\n  commands: [x]\n  atomizers: [{V: 'echo oops; exit 4'}]\n",
-    )
-    .unwrap();
+    );
     let id = submit(&mut b, dir_request(project.path())).await;
     let build = wait_final(&mut b, id).await;
     assert!(
@@ -421,12 +416,9 @@ async fn every_job_config_error_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slave_dying_mid_build_loses_nothing() {
     let (mut c, _d) = cluster(2, 2).await;
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    let project = project_with(
         "K:\n  commands: ['sleep 0.2', 'echo $T > $ARTIFACT_DIR/t']\n  atomizers: [{T: 'seq 1 24'}]\n",
-    )
-    .unwrap();
+    );
     let (mut b, _) = c.clients().await.unwrap();
     let id = submit(&mut b, dir_request(project.path())).await;
     // Kill a slave once some atoms are done and others are running.
@@ -455,12 +447,9 @@ async fn cancel_during_atomizing_and_during_building() {
     let (mut b, _) = c.clients().await.unwrap();
 
     // During atomizing.
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
-        format!("A:\n  commands: ['true']\n  atomizers: [{{V: 'echo $$ > {m}/pid_atomizer; sleep 30; echo 1'}}]\n"),
-    )
-    .unwrap();
+    let project = project_with(&format!(
+        "A:\n  commands: ['true']\n  atomizers: [{{V: 'echo $$ > {m}/pid_atomizer; sleep 30; echo 1'}}]\n"
+    ));
     let id = submit(&mut b, dir_request(project.path())).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids_in(marker.path()).is_empty() {
@@ -484,11 +473,12 @@ async fn cancel_during_atomizing_and_during_building() {
     std::fs::remove_file(marker.path().join("pid_atomizer")).unwrap();
 
     // During building.
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
-        format!("B:\n  commands: ['echo $$ > {m}/pid_$V', 'sleep 30']\n  atomizers: [{{V: 'seq 1 6'}}]\n"),
-    )
-    .unwrap();
+    write_job(
+        project.path(),
+        &format!(
+            "B:\n  commands: ['echo $$ > {m}/pid_$V', 'sleep 30']\n  atomizers: [{{V: 'seq 1 6'}}]\n"
+        ),
+    );
     let id = submit(&mut b, dir_request(project.path())).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids_in(marker.path()).len() < 2 {
@@ -513,11 +503,10 @@ async fn cancel_during_atomizing_and_during_building() {
         }
     }
     // The executors are free again: the next build runs.
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    write_job(
+        project.path(),
         "C:\n  commands: ['true']\n  atomizers: [{V: 'seq 2'}]\n",
-    )
-    .unwrap();
+    );
     let id = submit(&mut b, dir_request(project.path())).await;
     let build = wait_final(&mut b, id).await;
     assert_eq!(state(&build), proto::BuildState::Finished);
@@ -527,12 +516,9 @@ async fn cancel_during_atomizing_and_during_building() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failing_setup_errors_the_build_and_the_slave_stays_usable() {
     let (c, _d) = cluster(1, 2).await;
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    let project = project_with(
         "S:\n  setup_build: ['echo broken setup; exit 9']\n  commands: ['true']\n  atomizers: [{V: 'seq 3'}]\n",
-    )
-    .unwrap();
+    );
     let (mut b, mut cl) = c.clients().await.unwrap();
     let id = submit(&mut b, dir_request(project.path())).await;
     let build = wait_final(&mut b, id).await;
@@ -554,11 +540,10 @@ async fn failing_setup_errors_the_build_and_the_slave_stays_usable() {
         .into_inner()
         .slaves;
     assert_eq!(slaves.len(), 1, "the slave is still connected");
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    write_job(
+        project.path(),
         "S:\n  commands: ['true']\n  atomizers: [{V: 'seq 3'}]\n",
-    )
-    .unwrap();
+    );
     let id = submit(&mut b, dir_request(project.path())).await;
     let build = wait_final(&mut b, id).await;
     assert_eq!(state(&build), proto::BuildState::Finished);
@@ -569,12 +554,9 @@ async fn failing_setup_errors_the_build_and_the_slave_stays_usable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_finished_build_survives_a_master_restart() {
     let (mut c, _d) = cluster(1, 2).await;
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    let project = project_with(
         "R:\n  commands: ['echo kept $V | tee $ARTIFACT_DIR/k']\n  atomizers: [{V: 'seq 4'}]\n",
-    )
-    .unwrap();
+    );
     let (mut b, _) = c.clients().await.unwrap();
     let id = submit(&mut b, dir_request(project.path())).await;
     let before = wait_final(&mut b, id).await;
@@ -611,11 +593,10 @@ async fn the_second_build_uses_timing_history() {
     let (c, _d) = cluster(1, 2).await;
     let project = tempfile::tempdir().unwrap();
     // Atom N sleeps N/10 s; max_executors 2 makes the time-based grouping visible.
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    write_job(
+        project.path(),
         "T:\n  max_executors: 2\n  commands: ['sleep 0.$N']\n  atomizers: [{N: 'seq 1 8'}]\n",
-    )
-    .unwrap();
+    );
     let (mut b, _) = c.clients().await.unwrap();
     let first = submit(&mut b, dir_request(project.path())).await;
     wait_final(&mut b, first).await;
@@ -689,15 +670,10 @@ async fn console_output_is_served_live_while_the_atom_runs() {
     let (c, _d) = cluster(1, 1).await;
     let marker = tempfile::tempdir().unwrap();
     let go = marker.path().join("go");
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
-        format!(
-            "C:\n  commands: ['for i in 0 1 2 3 4; do echo line_$i; done', 'while [ ! -f {} ]; do sleep 0.02; done', 'echo last']\n  atomizers: [{{V: 'echo 1'}}]\n",
-            go.display()
-        ),
-    )
-    .unwrap();
+    let project = project_with(&format!(
+        "C:\n  commands: ['for i in 0 1 2 3 4; do echo line_$i; done', 'while [ ! -f {} ]; do sleep 0.02; done', 'echo last']\n  atomizers: [{{V: 'echo 1'}}]\n",
+        go.display()
+    ));
     let (mut b, _) = c.clients().await.unwrap();
     let id = submit(&mut b, dir_request(project.path())).await;
     let console = |offset_line: Option<u64>, max_lines: u32| proto::GetConsoleRequest {

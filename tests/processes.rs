@@ -322,12 +322,9 @@ async fn real_binaries_build_a_git_repo_with_the_ish_build_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_slave_mid_build_loses_nothing() {
     let mut c = Cluster::start(2, 2).await;
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    let project = project_with(
         "K:\n  commands: ['sleep 0.3', 'echo $T > $ARTIFACT_DIR/t', 'echo done $T']\n  atomizers: [{T: 'seq 1 24'}]\n",
-    )
-    .unwrap();
+    );
     let (mut b, mut cl) = c.clients().await;
     let id = submit(&mut b, dir_request(project.path())).await;
     wait_for(&mut b, id, Duration::from_secs(30), |b| {
@@ -426,12 +423,7 @@ async fn a_slave_outlives_its_master_and_rejoins_the_restarted_one() {
         c.dir.path(),
     );
     c.wait_slaves(1).await;
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
-        "R:\n  commands: ['echo $T']\n  atomizers: [{T: 'seq 3'}]\n",
-    )
-    .unwrap();
+    let project = project_with("R:\n  commands: ['echo $T']\n  atomizers: [{T: 'seq 3'}]\n");
     let (mut b, _) = c.clients().await;
     let id = submit(&mut b, dir_request(project.path())).await;
     assert_eq!(
@@ -444,12 +436,9 @@ async fn a_slave_outlives_its_master_and_rejoins_the_restarted_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_slave_finishes_its_work_leaves_and_exits_0() {
     let mut c = Cluster::start(2, 1).await;
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
+    let project = project_with(
         "D:\n  commands: ['sleep 0.3', 'echo $T > $ARTIFACT_DIR/t']\n  atomizers: [{T: 'seq 1 8'}]\n",
-    )
-    .unwrap();
+    );
     let (mut b, mut cl) = c.clients().await;
     let id = submit(&mut b, dir_request(project.path())).await;
     wait_for(&mut b, id, Duration::from_secs(30), |b| {
@@ -560,12 +549,7 @@ async fn ish_local_serves_builds_and_the_gateway_and_stops_on_sigterm() {
     let (mut b, _) = ish_cli::local::connect(&master, "local-test-secret", Duration::from_secs(10))
         .await
         .unwrap();
-    let project = tempfile::tempdir().unwrap();
-    std::fs::write(
-        project.path().join("clusterrunner.yaml"),
-        "L:\n  commands: ['echo $X']\n  atomizers: [{X: 'seq 4'}]\n",
-    )
-    .unwrap();
+    let project = project_with("L:\n  commands: ['echo $X']\n  atomizers: [{X: 'seq 4'}]\n");
     let id = submit(&mut b, dir_request(project.path())).await;
     let build = wait_final(&mut b, id).await;
     assert_eq!(build.result, proto::BuildResult::NoFailures as i32);

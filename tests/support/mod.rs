@@ -52,6 +52,18 @@ impl Repo {
     }
 }
 
+/// Writes `yaml` as the clusterrunner.yaml of `dir`.
+pub fn write_job(dir: &Path, yaml: &str) {
+    std::fs::write(dir.join("clusterrunner.yaml"), yaml).unwrap();
+}
+
+/// A directory project (temp dir) whose clusterrunner.yaml is `yaml`.
+pub fn project_with(yaml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_job(dir.path(), yaml);
+    dir
+}
+
 pub fn git_request(url: &str, branch: &str, hash: &str) -> proto::BuildRequest {
     proto::BuildRequest {
         source: Some(proto::ProjectSource {
