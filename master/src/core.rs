@@ -1536,7 +1536,11 @@ impl Core {
         let Some(slave) = self.slaves.remove(&sid) else {
             return;
         };
-        tracing::warn!(slave = sid, name = %slave.name, why, "slave removed");
+        if slave.busy.is_empty() {
+            tracing::info!(slave = sid, name = %slave.name, why, "slave removed");
+        } else {
+            tracing::warn!(slave = sid, name = %slave.name, why, running = slave.busy.len(), "slave removed; re-queuing its work");
+        }
         for (_, work) in slave.busy {
             match work {
                 Work::Prepare(id) => {
