@@ -558,3 +558,28 @@ async fn ish_local_serves_builds_and_the_gateway_and_stops_on_sigterm() {
         Some(0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_stops_on_sigterm_with_exit_code_0() {
+    let c = Cluster::start(0, 1).await;
+    let mut gw = Proc::spawn(
+        "gateway",
+        &["gateway", "--listen", "127.0.0.1:0", "--master", &c.url],
+        &c.secret,
+        c.dir.path(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("gateway listening") {
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not start:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        gw.signal_and_wait(Signal::SIGTERM, Duration::from_secs(15)),
+        Some(0)
+    );
+    c.stop();
+}
