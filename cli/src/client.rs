@@ -280,6 +280,7 @@ pub async fn download_results(
             build_id: id,
             format: proto::ArchiveFormat::Zip as i32,
             offset: 0,
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("downloading results: {}", s.message()))?

@@ -14,6 +14,7 @@
 //! slave declared lost, a canceled build) is ignored, so each atom's result comes from exactly
 //! one attempt.
 use crate::error::{MasterError, Result};
+use crate::metrics::{self, Metrics};
 use crate::results::{ArchiveKind, CONSOLE_FILE, ResultsJob, ResultsLayout};
 use crate::store::Store;
 use ish_core::proto::{self, master_message::Msg as Down, slave_message::Msg as Up};
@@ -119,6 +120,17 @@ pub enum Command {
     },
     /// The results queue finished a build's archives.
     ArchivesWritten(u64, std::result::Result<(), String>),
+    /// Events after an id or a time, oldest first.
+    ListEvents {
+        /// Only events with a larger id.
+        since_id: Option<u64>,
+        /// Only events after this time.
+        since_timestamp: Option<f64>,
+        /// Answer.
+        reply: Reply<Vec<proto::Event>>,
+    },
+    /// The metrics, as Prometheus text.
+    Metrics(Reply<String>),
     /// Periodic housekeeping: lose silent slaves.
     Tick(Instant),
     /// The master is stopping: end every slave stream. Builds stay as stored and resume when
@@ -268,7 +280,14 @@ pub struct Core {
     next_slave_id: u64,
     /// Slaves whose channel failed during this command; dropped once it is handled.
     doomed: BTreeSet<u64>,
+    /// Recent events, oldest first (ClusterRunner's eventlog).
+    events: VecDeque<proto::Event>,
+    next_event_id: u64,
+    metrics: Metrics,
 }
+
+/// Events kept in memory for the eventlog.
+const MAX_EVENTS: usize = 10_000;
 
 fn invalid(msg: impl Into<String>) -> MasterError {
     MasterError::InvalidArgument(msg.into())
@@ -573,6 +592,9 @@ impl Core {
             attempt_end: 0,
             next_slave_id: 1,
             doomed: BTreeSet::new(),
+            events: VecDeque::new(),
+            next_event_id: 1,
+            metrics: Metrics::default(),
         }
     }
 
@@ -580,6 +602,10 @@ impl Core {
     /// is prepared again; a building build re-queues every subjob that still lacks results; a
     /// build whose atoms were all done gets its archives (re)written.
     pub fn recover(&mut self) -> Result<()> {
+        self.event(
+            "SERVICE_STARTED",
+            serde_json::json!({ "service": "master" }),
+        );
         for rec in self.store.load_builds()? {
             let Some(pb) = rec.build else { continue };
             let mut b = Build::new(pb.id, pb.request.unwrap_or_default());
@@ -697,6 +723,152 @@ impl Core {
         Ok(())
     }
 
+    /// Appends to the event log (bounded: the oldest events fall off).
+    fn event(&mut self, tag: &str, fields: serde_json::Value) {
+        let e = proto::Event {
+            id: self.next_event_id,
+            tag: tag.into(),
+            timestamp: now_epoch(),
+            fields_json: fields.to_string(),
+        };
+        self.next_event_id += 1;
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
+    /// Prometheus text: gauges read off the current state, counters and histograms kept as
+    /// things happen. Durations per state are derived from the builds' state timestamps.
+    fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        metrics::header(&mut out, "ish_builds", "gauge", "Builds by state.");
+        for st in BuildState::ALL {
+            let n = self.builds.values().filter(|b| b.state == st).count();
+            let _ = writeln!(out, "ish_builds{{state=\"{}\"}} {n}", st.name_lower());
+        }
+        metrics::header(
+            &mut out,
+            "ish_queue_depth",
+            "gauge",
+            "Builds not yet finished, errored or canceled.",
+        );
+        let _ = writeln!(out, "ish_queue_depth {}", self.active.len());
+        metrics::header(
+            &mut out,
+            "ish_subjobs_pending",
+            "gauge",
+            "Subjobs waiting for an executor.",
+        );
+        let pending: usize = self
+            .active
+            .iter()
+            .filter_map(|id| self.builds.get(id))
+            .map(|b| b.pending.len())
+            .sum();
+        let _ = writeln!(out, "ish_subjobs_pending {pending}");
+        metrics::header(
+            &mut out,
+            "slaves",
+            "gauge",
+            "Connected slaves by state (active = running work).",
+        );
+        let (mut active, mut idle, mut draining) = (0, 0, 0);
+        for s in self.slaves.values() {
+            if s.draining {
+                draining += 1;
+            } else if s.busy.is_empty() {
+                idle += 1;
+            } else {
+                active += 1;
+            }
+        }
+        let _ = writeln!(out, "slaves{{state=\"active\"}} {active}");
+        let _ = writeln!(out, "slaves{{state=\"idle\"}} {idle}");
+        let _ = writeln!(out, "slaves{{state=\"draining\"}} {draining}");
+        metrics::header(
+            &mut out,
+            "ish_executors",
+            "gauge",
+            "Executors of connected slaves, and how many run work.",
+        );
+        let total: u32 = self.slaves.values().map(|s| s.executors).sum();
+        let busy: usize = self.slaves.values().map(|s| s.busy.len()).sum();
+        let _ = writeln!(out, "ish_executors{{state=\"total\"}} {total}");
+        let _ = writeln!(out, "ish_executors{{state=\"busy\"}} {busy}");
+        metrics::header(
+            &mut out,
+            "build_state_duration_seconds",
+            "histogram",
+            "Seconds builds spent in each state they left.",
+        );
+        let mut durations: BTreeMap<&'static str, metrics::Histogram> = BTreeMap::new();
+        let mut serialized = metrics::Histogram::new(&metrics::DURATION_BUCKETS);
+        for b in self.builds.values() {
+            for w in b.timestamps.windows(2) {
+                durations
+                    .entry(w[0].0.name_lower())
+                    .or_insert_with(|| metrics::Histogram::new(&metrics::DURATION_BUCKETS))
+                    .observe((w[1].1 - w[0].1).max(0.0));
+            }
+            if b.state == BuildState::Finished {
+                serialized.observe(
+                    b.subjobs
+                        .iter()
+                        .flat_map(|s| &s.atoms)
+                        .filter_map(|a| a.actual_time)
+                        .sum(),
+                );
+            }
+        }
+        for (state, h) in &durations {
+            h.render(
+                &mut out,
+                "build_state_duration_seconds",
+                &format!("state=\"{state}\""),
+            );
+        }
+        metrics::header(
+            &mut out,
+            "serialized_build_time_seconds",
+            "histogram",
+            "Sum of the atom times of each finished build.",
+        );
+        serialized.render(&mut out, "serialized_build_time_seconds", "");
+        metrics::header(
+            &mut out,
+            "ish_dispatches_total",
+            "counter",
+            "Subjobs dispatched to slaves.",
+        );
+        let _ = writeln!(out, "ish_dispatches_total {}", self.metrics.dispatches);
+        metrics::header(
+            &mut out,
+            "ish_atom_results_total",
+            "counter",
+            "Atom results recorded.",
+        );
+        let _ = writeln!(out, "ish_atom_results_total {}", self.metrics.atom_results);
+        metrics::header(
+            &mut out,
+            "ish_slaves_lost_total",
+            "counter",
+            "Slaves removed because their stream ended or their heartbeats stopped.",
+        );
+        let _ = writeln!(out, "ish_slaves_lost_total {}", self.metrics.slaves_lost);
+        metrics::header(
+            &mut out,
+            "internal_errors",
+            "counter",
+            "Internal errors by type.",
+        );
+        for (kind, n) in &self.metrics.internal_errors {
+            let _ = writeln!(out, "internal_errors{{type=\"{kind}\"}} {n}");
+        }
+        out
+    }
+
     /// A fresh attempt id (unique for the data dir: attempt ids name directories).
     fn new_attempt(&mut self) -> u64 {
         const BLOCK: u64 = 1 << 20;
@@ -737,10 +909,11 @@ impl Core {
                 unfinished_only,
                 reply,
             } => {
-                let matching = self.builds.values().filter(|b| {
-                    !unfinished_only
-                        || !matches!(b.state, BuildState::Finished | BuildState::Canceled)
-                });
+                // ClusterRunner kept ERROR builds in its queue forever; an ended build is not queued.
+                let matching = self
+                    .builds
+                    .values()
+                    .filter(|b| !unfinished_only || !b.state.is_final());
                 let total = matching.clone().count() as u32;
                 let take = if limit == 0 {
                     usize::MAX
@@ -822,6 +995,23 @@ impl Core {
                 let _ = reply.send(r);
             }
             Command::ArchivesWritten(id, outcome) => self.archives_written(id, outcome),
+            Command::ListEvents {
+                since_id,
+                since_timestamp,
+                reply,
+            } => {
+                let events = self
+                    .events
+                    .iter()
+                    .filter(|e| since_id.is_none_or(|id| e.id > id))
+                    .filter(|e| since_timestamp.is_none_or(|t| e.timestamp > t))
+                    .cloned()
+                    .collect();
+                let _ = reply.send(Ok(events));
+            }
+            Command::Metrics(reply) => {
+                let _ = reply.send(Ok(self.render_metrics()));
+            }
             Command::Tick(now) => self.sweep(now),
             Command::Shutdown(done) => {
                 // Dropping the senders ends the slaves' streams; they reconnect to the next master.
@@ -882,6 +1072,10 @@ impl Core {
         self.store.put_build(&b.to_record())?;
         tracing::info!(build = id, "build queued");
         self.builds.insert(id, b);
+        self.event(
+            "BUILD_REQUEST_QUEUED",
+            serde_json::json!({ "build_id": id }),
+        );
         self.active.insert(id);
         self.notify(id);
         Ok(id)
@@ -1067,6 +1261,10 @@ impl Core {
             last_heartbeat: now_epoch(),
         };
         tracing::info!(slave = id, name = %s.name, executors = s.executors, "slave registered");
+        self.event(
+            "SLAVE_REGISTERED",
+            serde_json::json!({ "slave_id": id, "name": s.name, "executors": s.executors }),
+        );
         self.slaves.insert(id, s);
         self.send(
             id,
@@ -1150,6 +1348,7 @@ impl Core {
             return;
         }
         b.preparing_on = None;
+        let ok = r.error.is_empty();
         // The preparing slave keeps the workspace; remember it so teardown reaches it.
         b.slaves.insert(
             sid,
@@ -1160,7 +1359,14 @@ impl Core {
                 free_local: BTreeSet::new(),
             },
         );
-        if !r.error.is_empty() {
+        self.event(
+            "BUILD_PREPARE_FINISH",
+            serde_json::json!({ "build_id": id, "is_success": ok }),
+        );
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
+        if !ok {
             tracing::info!(build = id, error = %r.error, "preparation failed");
             self.end_build(id, BuildEvent::Fail, r.error);
             return;
@@ -1237,12 +1443,20 @@ impl Core {
         if r.ok {
             sb.state = SlaveBuildState::Ready;
             self.notify(id);
+            self.event(
+                "BUILD_SETUP_FINISH",
+                serde_json::json!({ "build_id": id, "slave_id": sid, "is_success": true }),
+            );
             return;
         }
         sb.state = SlaveBuildState::Failed;
         b.setup_failures += 1;
         let failures = b.setup_failures;
         tracing::warn!(build = id, slave = sid, error = %r.error, failures, "setup failed");
+        self.event(
+            "BUILD_SETUP_FINISH",
+            serde_json::json!({ "build_id": id, "slave_id": sid, "is_success": false }),
+        );
         self.send(sid, Down::Teardown(proto::Teardown { build_id: id }));
         let b = &self.builds[&id];
         // Out of tries, or no connected slave left that has not failed setup for this build.
@@ -1340,6 +1554,7 @@ impl Core {
         a.state = proto::AtomState::Completed as i32;
         a.slave = name;
         let atom = a.clone();
+        self.metrics.atom_results += 1;
         b.completed_atoms += 1;
         if r.exit_code != 0 {
             b.failed_atoms += 1;
@@ -1365,6 +1580,10 @@ impl Core {
             return;
         };
         self.attempts.remove(&d.attempt);
+        self.event(
+            "MASTER_RECEIVED_RESULT",
+            serde_json::json!({ "executor_id": att.slot, "build_id": att.build, "subjob_id": att.subjob, "slave_id": sid }),
+        );
         self.release(att);
         self.settle_subjob(att.build, att.subjob);
         self.check_complete(att.build);
@@ -1446,6 +1665,7 @@ impl Core {
             return;
         }
         if let Err(e) = outcome {
+            self.metrics.internal_error("PostBuildFailure");
             let msg = format!("Postbuild tasks failed due to an internal error: \"{e}\"");
             self.end_build(id, BuildEvent::Fail, msg);
             return;
@@ -1489,7 +1709,12 @@ impl Core {
         }
         tracing::info!(build = id, state = ?b.state, "build ended");
         b.pending.clear();
+        let (state, result) = (b.state.name_lower(), b.result.as_str_name());
         self.active.remove(&id);
+        self.event(
+            "BUILD_ENDED",
+            serde_json::json!({ "build_id": id, "state": state, "result": result }),
+        );
         // Kill what still runs; executor slots come back when the slaves report the subjobs done.
         let mut cancel_on: BTreeSet<u64> = self
             .attempts
@@ -1536,6 +1761,13 @@ impl Core {
         let Some(slave) = self.slaves.remove(&sid) else {
             return;
         };
+        if why != "it left" {
+            self.metrics.slaves_lost += 1;
+        }
+        self.event(
+            "SLAVE_REMOVED",
+            serde_json::json!({ "slave_id": sid, "reason": why }),
+        );
         if slave.busy.is_empty() {
             tracing::info!(slave = sid, name = %slave.name, why, "slave removed");
         } else {
@@ -1656,6 +1888,10 @@ impl Core {
         tracing::info!(build = id, slave = sid, "preparing build");
         self.persist(id);
         self.notify(id);
+        self.event(
+            "BUILD_PREPARE_START",
+            serde_json::json!({ "build_id": id, "slave_id": sid }),
+        );
         self.send(sid, Down::Prepare(msg));
     }
 
@@ -1738,6 +1974,10 @@ impl Core {
             cap,
             "setting up slave"
         );
+        self.event(
+            "BUILD_SETUP_START",
+            serde_json::json!({ "build_id": id, "slave_id": sid }),
+        );
         self.send(sid, Down::Setup(msg));
     }
 
@@ -1803,6 +2043,11 @@ impl Core {
             },
         );
         self.notify(id);
+        self.metrics.dispatches += 1;
+        self.event(
+            "MASTER_TRIGGERED_SUBJOB",
+            serde_json::json!({ "executor_id": slot, "build_id": id, "subjob_id": subjob, "slave_id": sid }),
+        );
         self.send(
             sid,
             Down::RunSubjob(proto::RunSubjob {

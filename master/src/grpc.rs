@@ -529,16 +529,32 @@ impl proto::builds_server::Builds for BuildsService {
                 q.offset
             )));
         }
+        let (tx, rx) = mpsc::channel(4);
+        if q.size_only {
+            let _ = tx
+                .send(Ok(proto::DataChunk {
+                    data: Vec::new(),
+                    total_size,
+                }))
+                .await;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         file.seek(std::io::SeekFrom::Start(q.offset))
             .await
             .map_err(|e| Status::from(MasterError::io("reading archive", e)))?;
-        let (tx, rx) = mpsc::channel(4);
+        let mut left = if q.length == 0 {
+            total_size - q.offset
+        } else {
+            q.length.min(total_size - q.offset)
+        };
         tokio::spawn(async move {
             let mut buf = vec![0u8; DOWNLOAD_CHUNK];
-            loop {
-                match file.read(&mut buf).await {
+            while left > 0 {
+                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                match file.read(&mut buf[..want]).await {
                     Ok(0) => return,
                     Ok(n) => {
+                        left -= n as u64;
                         let chunk = proto::DataChunk {
                             data: buf[..n].to_vec(),
                             total_size,
@@ -622,5 +638,29 @@ impl proto::cluster_server::Cluster for ClusterService {
             })
             .await?;
         Ok(Response::new(proto::DrainSlavesResponse { slave_ids }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<proto::ListEventsRequest>,
+    ) -> Result<Response<proto::ListEventsResponse>, Status> {
+        let q = request.into_inner();
+        let events = self
+            .handle
+            .call(|reply| Command::ListEvents {
+                since_id: q.since_id,
+                since_timestamp: q.since_timestamp,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(proto::ListEventsResponse { events }))
+    }
+
+    async fn metrics(
+        &self,
+        _request: Request<proto::MetricsRequest>,
+    ) -> Result<Response<proto::MetricsResponse>, Status> {
+        let text = self.handle.call(Command::Metrics).await?;
+        Ok(Response::new(proto::MetricsResponse { text }))
     }
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod results;
 pub mod store;
 

@@ -158,6 +158,7 @@ pub async fn download(c: &mut BuildsClient, id: u64, format: proto::ArchiveForma
             build_id: id,
             format: format as i32,
             offset: 0,
+            ..Default::default()
         })
         .await
         .expect("download")
