@@ -8,11 +8,20 @@ use std::time::{Duration, Instant};
 use support::*;
 
 async fn cluster(slaves: u32, executors: u32) -> (LocalCluster, tempfile::TempDir) {
+    cluster_with(slaves, executors, |_| {}).await
+}
+
+async fn cluster_with(
+    slaves: u32,
+    executors: u32,
+    tune: impl FnOnce(&mut LocalOptions),
+) -> (LocalCluster, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = LocalOptions::new(dir.path().to_path_buf(), slaves, executors);
     opts.master.heartbeat_interval_ms = 200;
     opts.master.heartbeat_timeout_ms = 3_000;
     opts.slave.kill_grace_ms = 1_000;
+    tune(&mut opts);
     let c = LocalCluster::start(opts).await.unwrap();
     // Wait until every slave is registered so work spreads as the tests expect.
     let (_, mut cl) = c.clients().await.unwrap();
@@ -748,4 +757,84 @@ async fn console_output_is_served_live_while_the_atom_runs() {
         tonic::Code::NotFound
     );
     c.shutdown().await.unwrap();
+}
+
+/// Serves `files` (path → content) over HTTP on 127.0.0.1; answers 404 for anything else.
+async fn http_files(files: Vec<(&'static str, Vec<u8>)>) -> (String, tokio::task::JoinHandle<()>) {
+    let mut router = axum::Router::new();
+    for (path, body) in files {
+        router = router.route(
+            path,
+            axum::routing::get(move || async move { body.clone() }),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_files_are_downloaded_into_the_project_before_anything_runs() {
+    let (c, _d) = cluster_with(1, 2, |o| o.slave.remote_file_max_bytes = 1 << 20).await;
+    let (base, server) = http_files(vec![
+        ("/input.txt", b"remote content\n".to_vec()),
+        ("/big", vec![b'x'; 2 << 20]),
+    ])
+    .await;
+    let repo = Repo::new();
+    repo.commit(
+        &[(
+            "clusterrunner.yaml",
+            "R:\n  setup_build: ['test -f data/input.txt']\n  commands: ['cat data/input.txt | tee $ARTIFACT_DIR/copy']\n  atomizers: [{V: 'cat data/input.txt'}]\n",
+        )],
+        "job",
+    );
+    let (mut b, _) = c.clients().await.unwrap();
+    let mut req = git_request(&repo.url(), "", "");
+    req.remote_files
+        .insert("data/input.txt".into(), format!("{base}/input.txt"));
+    let id = submit(&mut b, req).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    check_archives(&mut b, id, |t| {
+        assert_eq!(t, "remote content");
+        AtomExpect {
+            console: "remote content\n".into(),
+            exit_code: 0,
+            files: vec![("copy".into(), b"remote content\n".to_vec())],
+        }
+    })
+    .await;
+    // A name escaping the project, or a URL that is not http(s), is refused at submission.
+    for (name, url) in [
+        ("../evil", format!("{base}/input.txt")),
+        ("ok", "file:///etc/passwd".to_string()),
+    ] {
+        let mut req = git_request(&repo.url(), "", "");
+        req.remote_files.insert(name.into(), url);
+        let err = b
+            .submit(proto::SubmitBuildRequest { request: Some(req) })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    }
+    // A missing file or one over the slave's size cap ends the build in ERROR with the reason.
+    for (path, reason) in [("/nope", "404"), ("/big", "larger than the limit")] {
+        let mut req = git_request(&repo.url(), "", "");
+        req.remote_files
+            .insert("data/input.txt".into(), format!("{base}{path}"));
+        let id = submit(&mut b, req).await;
+        let build = wait_final(&mut b, id).await;
+        assert_eq!(state(&build), proto::BuildState::Error);
+        assert!(
+            build.error_message.contains(reason),
+            "{}",
+            build.error_message
+        );
+    }
+    c.shutdown().await.unwrap();
+    server.abort();
 }

@@ -286,6 +286,9 @@ pub struct Core {
     metrics: Metrics,
 }
 
+/// Most `remote_files` one build may ask for.
+const MAX_REMOTE_FILES: usize = 100;
+
 /// Events kept in memory for the eventlog.
 const MAX_EVENTS: usize = 10_000;
 
@@ -354,8 +357,22 @@ pub fn validate_request(req: &proto::BuildRequest) -> Result<()> {
     if req.atoms_override.iter().any(|a| a.trim().is_empty()) {
         return Err(invalid("atoms_override entries must not be empty."));
     }
-    if !req.remote_files.is_empty() {
-        return Err(invalid("remote_files is not supported by this master yet."));
+    for (name, url) in &req.remote_files {
+        if ish_core::paths::safe_relative_path(name).is_none() {
+            return Err(invalid(format!(
+                "remote_files name \"{name}\" must be a relative path inside the project, without \"..\"."
+            )));
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(format!(
+                "remote_files URL \"{url}\" for \"{name}\" must be http:// or https://."
+            )));
+        }
+    }
+    if req.remote_files.len() > MAX_REMOTE_FILES {
+        return Err(invalid(format!(
+            "at most {MAX_REMOTE_FILES} remote_files per build."
+        )));
     }
     for k in req.env.keys() {
         let ok = k

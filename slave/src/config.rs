@@ -30,6 +30,10 @@ pub struct SlaveConfig {
     pub max_atomizer_output: usize,
     /// How long `teardown_build` may run on shutdown, in milliseconds. Default 30000.
     pub shutdown_teardown_ms: u64,
+    /// Largest file a build's `remote_files` may download, in bytes. Default 256 MiB.
+    pub remote_file_max_bytes: u64,
+    /// Longest a `remote_files` download may take, in milliseconds. Default 300000.
+    pub remote_file_timeout_ms: u64,
     /// Credentials for git remotes.
     pub git: GitConfig,
 }
@@ -81,6 +85,8 @@ impl Default for SlaveConfig {
             master_timeout_ms: 20_000,
             max_atomizer_output: 64 << 20,
             shutdown_teardown_ms: 30_000,
+            remote_file_max_bytes: 256 << 20,
+            remote_file_timeout_ms: 300_000,
             git: GitConfig::default(),
         }
     }

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod git;
 pub mod project;
+pub mod remote;
 pub mod runner;
 pub mod session;
 
@@ -66,6 +67,10 @@ pub async fn run(
         name: cfg.effective_name(),
         session_id: format!("{:016x}", rand::rng().random::<u64>()),
         workspaces,
+        downloader: remote::Downloader::new(
+            cfg.remote_file_max_bytes,
+            Duration::from_millis(cfg.remote_file_timeout_ms),
+        ),
         auth,
         cfg,
     });

@@ -59,6 +59,8 @@ pub struct Shared {
     pub session_id: String,
     /// Repo cache and workspaces.
     pub workspaces: Workspaces,
+    /// Downloads of `remote_files`.
+    pub downloader: crate::remote::Downloader,
 }
 
 /// A build on this slave.
@@ -370,9 +372,14 @@ async fn materialize(
     }
     let workspaces = ctx.shared.workspaces.clone();
     let id = b.id;
+    let remote_files = spec.remote_files.clone();
     let ws = tokio::task::spawn_blocking(move || workspaces.materialize(id, &spec))
         .await
         .map_err(|e| format!("fetching the project failed: {e}"))??;
+    ctx.shared
+        .downloader
+        .fetch_all(&ws.project_dir, &remote_files)
+        .await?;
     *b.ws.lock().expect("poisoned") = Some(ws.clone());
     Ok(ws)
 }
