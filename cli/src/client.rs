@@ -15,6 +15,9 @@ pub struct ClientConfig {
     /// gRPC URL of the master. Default: `http://127.0.0.1:43100`, and when nothing answers there
     /// (and no master was named) an embedded local cluster is started for the build.
     pub master: Option<String>,
+    /// URL of a REST gateway (e.g. `http://ci-gateway:43000`). When set, builds go through its
+    /// ClusterRunner API (digest-signed) instead of gRPC to the master.
+    pub gateway: Option<String>,
     /// Cluster secret (also `--secret` / `ISH_SECRET`). Default: the secret of a master on this
     /// host (`~/.ish/master/secret`).
     pub secret: Option<String>,
@@ -28,6 +31,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             master: None,
+            gateway: None,
             secret: None,
             results_dir: PathBuf::from("build_results"),
             embedded_executors: None,
@@ -81,6 +85,13 @@ pub fn job_config_json(file: &Path) -> anyhow::Result<String> {
 
 /// Runs `ish build`; returns the process exit code.
 pub async fn run_build(opts: BuildOptions) -> anyhow::Result<i32> {
+    if let Some(gw) = &opts.cfg.gateway {
+        if opts.cfg.master.is_some() {
+            bail!("give either a master (gRPC) or a gateway (REST), not both");
+        }
+        let secret = crate::settings::client_secret(opts.cfg.secret.clone())?;
+        return crate::rest_client::run_build(gw, &secret, &opts).await;
+    }
     let mut embedded: Option<(LocalCluster, Option<tempfile_dir::TempDir>)> = None;
     let (url, secret) = match &opts.cfg.master {
         Some(url) => (
@@ -295,7 +306,9 @@ pub async fn download_results(
     Ok(())
 }
 
-fn unzip(bytes: &[u8], dir: &PathBuf) -> anyhow::Result<()> {
+/// Unpacks a results.zip into `dir` (replacing what was there); refuses entries that would land
+/// outside it.
+pub fn unzip(bytes: &[u8], dir: &PathBuf) -> anyhow::Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing old {}", dir.display()))?;
     }

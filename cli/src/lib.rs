@@ -4,9 +4,11 @@
 //!   the cluster secret's sources.
 //! - [`local`]: a whole cluster in one process (master + gateway + N slaves), used by `ish local`,
 //!   by `ish build` when no master is running, and by the in-process tests.
-//! - [`client`]: the client verbs (`ish build`).
+//! - [`client`]: the client verbs (`ish build`); [`rest_client`] is the same build through a
+//!   gateway's ClusterRunner REST API.
 pub mod client;
 pub mod local;
+pub mod rest_client;
 pub mod settings;
 
 /// Completes on SIGTERM or Ctrl-C.

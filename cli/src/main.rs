@@ -131,9 +131,15 @@ struct BuildArgs {
     /// embedded local cluster is started for the build.
     #[arg(long, env = "ISH_MASTER")]
     master: Option<String>,
-    /// Cluster secret.
+    /// URL of a REST gateway: build through its ClusterRunner API instead of gRPC.
+    #[arg(long, env = "ISH_GATEWAY", conflicts_with = "master")]
+    gateway: Option<String>,
+    /// Cluster secret (for --gateway: the gateway's digest secret).
     #[arg(long, env = "ISH_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// Download this URL into the project as NAME before the build (repeatable): NAME=URL.
+    #[arg(long = "remote-file", value_parser = parse_env)]
+    remote_files: Vec<(String, String)>,
     /// Job to run among those in clusterrunner.yaml.
     #[arg(long, short = 'j')]
     job_name: Option<String>,
@@ -290,6 +296,7 @@ async fn local(a: LocalArgs) -> anyhow::Result<i32> {
 async fn build(a: BuildArgs) -> anyhow::Result<i32> {
     let mut cfg: ClientConfig = settings::load(a.config.as_deref())?;
     cfg.master = a.master.or(cfg.master);
+    cfg.gateway = a.gateway.or(cfg.gateway);
     cfg.secret = a.secret.or(cfg.secret);
     cfg.results_dir = a.results_dir.unwrap_or(cfg.results_dir);
     let (source, project_directory) = match a.project {
@@ -346,6 +353,7 @@ async fn build(a: BuildArgs) -> anyhow::Result<i32> {
         config_json,
         atoms_override: a.atoms,
         env: a.env.into_iter().collect(),
+        remote_files: a.remote_files.into_iter().collect(),
         ..Default::default()
     };
     client::run_build(BuildOptions {
