@@ -34,7 +34,7 @@ enum Cmd {
     /// Run master + gateway + N slaves in one process.
     Local(LocalArgs),
     /// Submit a build, show its progress and download its results into ./build_results/.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -394,7 +394,7 @@ fn main() {
             Cmd::Slave(a) => slave(a).await,
             Cmd::Gateway(a) => gateway(a).await,
             Cmd::Local(a) => local(a).await,
-            Cmd::Build(a) => build(a).await,
+            Cmd::Build(a) => build(*a).await,
         }
     });
     // Leftover tasks (e.g. a reconnecting gRPC channel) must not delay the exit.
