@@ -35,6 +35,27 @@ enum Cmd {
     Local(LocalArgs),
     /// Submit a build, show its progress and download its results into ./build_results/.
     Build(Box<BuildArgs>),
+    /// Run a benchmark on a cluster started for it on 127.0.0.1 and print a table.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(subcommand)]
+    which: BenchCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// REST gateway overhead: GET /v1/build/{id} and POST /v1/build vs direct gRPC.
+    Gateway {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Seconds per measured operation.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -364,9 +385,27 @@ async fn build(a: BuildArgs) -> anyhow::Result<i32> {
     .await
 }
 
+async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
+    match a.which {
+        BenchCmd::Gateway { clients, seconds } => {
+            let cpus = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0);
+            println!(
+                "ish bench gateway: {clients} clients, {seconds} s per operation, {cpus} CPUs, 127.0.0.1\n"
+            );
+            let samples =
+                ish_cli::bench::gateway(&ish_cli::bench::GatewayBench { clients, seconds }).await?;
+            ish_cli::bench::print_table(&samples);
+            let errors: usize = samples.iter().map(|s| s.errors).sum();
+            Ok(if errors == 0 { 0 } else { 1 })
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
-    let default_log = if matches!(cli.cmd, Cmd::Build(_)) {
+    let default_log = if matches!(cli.cmd, Cmd::Build(_) | Cmd::Bench(_)) {
         "warn"
     } else {
         "info"
@@ -395,6 +434,7 @@ fn main() {
             Cmd::Gateway(a) => gateway(a).await,
             Cmd::Local(a) => local(a).await,
             Cmd::Build(a) => build(*a).await,
+            Cmd::Bench(a) => bench(a).await,
         }
     });
     // Leftover tasks (e.g. a reconnecting gRPC channel) must not delay the exit.
