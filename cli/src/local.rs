@@ -193,6 +193,7 @@ impl LocalCluster {
                 listen: addr,
                 master: cluster.master_url.clone(),
                 secret: Some(cluster.secret.clone()),
+                ..Default::default()
             };
             let stop = CancellationToken::new();
             let s = stop.clone();

@@ -1,13 +1,39 @@
 //! Ish CD gateway: the stateless REST front.
 //!
-//! It will translate the ClusterRunner, Ish CD runs and ndscheduler JSON APIs into gRPC calls on
-//! the master (issue 3 and later). Today it serves the liveness routes (`GET /`, `GET /healthz`)
-//! and holds a lazily connected gRPC channel to the master; it keeps no build state of its own,
-//! so several gateways can run behind a load balancer.
-use axum::{Json, Router, routing::get};
+//! It serves ClusterRunner's master REST API, wire-compatible (spec §1, §3, §4, §11), by
+//! translating every call into gRPC calls on the master; it keeps no build state of its own, so
+//! several gateways can run behind a load balancer. `docs/rest.md` is the route reference,
+//! `docs/deviations.md` lists where it differs from ClusterRunner on purpose.
+//!
+//! ```text
+//! HTTP ─▶ handlers::dispatch ─▶ routes (table, child_routes) + version (Api-Version)
+//!              │                 auth (session, digest) · body (__encoded_body__) · params
+//!              ├─▶ request (JSON → BuildRequest) ─▶ gRPC Builds/Cluster on the master
+//!              └─◀ json (Build → ClusterRunner objects) · artifacts (streamed archives)
+//! ```
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Router, routing::get};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use tokio::net::TcpListener;
+
+pub mod artifacts;
+pub mod auth;
+pub mod body;
+pub mod cors;
+pub mod error;
+mod handlers;
+pub mod json;
+pub mod metrics;
+pub mod params;
+pub mod request;
+pub mod routes;
+pub mod state;
+pub mod version;
+
+pub use error::ApiError;
+pub use state::AppState;
 
 /// Settings of the gateway role.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -20,6 +46,18 @@ pub struct GatewayConfig {
     pub master: String,
     /// Cluster secret (also `--secret` / `ISH_SECRET`).
     pub secret: Option<String>,
+    /// Key of ClusterRunner's message digest (`Clusterrunner-Message-Authentication-Digest`),
+    /// i.e. the `secret` of the ClusterRunner clients. Default: the cluster secret.
+    pub rest_secret: Option<String>,
+    /// Require the digest on reads (GET/HEAD) too; it is then computed over the (usually empty)
+    /// request body. `/` and `/healthz` stay open. Default `false` (dashboards read without
+    /// credentials, as with ClusterRunner).
+    pub require_auth_for_reads: bool,
+    /// Origins allowed to read the API from a browser: a regex matched at the start of the
+    /// `Origin` header. Default none (CORS off).
+    pub cors_allowed_origins_regex: Option<String>,
+    /// Largest request body accepted; larger ones get 413. Default 10 MiB.
+    pub max_body_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -28,6 +66,10 @@ impl Default for GatewayConfig {
             listen: "127.0.0.1:43000".into(),
             master: "http://127.0.0.1:43100".into(),
             secret: None,
+            rest_secret: None,
+            require_auth_for_reads: false,
+            cors_allowed_origins_regex: None,
+            max_body_bytes: 10 << 20,
         }
     }
 }
@@ -43,27 +85,38 @@ pub enum GatewayError {
     Serve(#[from] std::io::Error),
 }
 
-/// The REST routes.
-pub fn router() -> Router {
-    Router::new()
-        .route("/", get(|| async { Json(serde_json::json!({})) }))
-        .route("/healthz", get(|| async { "ok" }))
+/// A JSON response from already serialized bytes, with ClusterRunner's content type.
+pub(crate) fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        )],
+        bytes,
+    )
+        .into_response()
 }
 
-/// Serves the gateway on `listener` until `shutdown` completes.
+/// The REST routes: `/healthz` for load balancers, everything else is ClusterRunner's API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(handlers::dispatch)
+        .with_state(state)
+}
+
+/// Serves the gateway on `listener` until `shutdown` completes. `secret` is the cluster secret
+/// the gateway presents to the master (and the digest key unless `rest_secret` is set).
 pub async fn serve(
     cfg: GatewayConfig,
-    _secret: String,
+    secret: String,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    // The channel connects on first use and reconnects by itself; the gateway starts even when
-    // the master is not up yet.
-    let _master = tonic::transport::Channel::from_shared(cfg.master.clone())
-        .map_err(|e| GatewayError::Config(format!("invalid master URL {:?}: {e}", cfg.master)))?
-        .connect_lazy();
+    let state = AppState::new(&cfg, &secret)?;
     tracing::info!(addr = ?listener.local_addr().ok(), master = %cfg.master, "gateway listening");
-    axum::serve(listener, router())
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
