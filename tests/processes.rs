@@ -583,3 +583,69 @@ async fn the_gateway_stops_on_sigterm_with_exit_code_0() {
     );
     c.stop();
 }
+
+/// kill -9 of the master in the middle of a build, then a restart on the same address and data:
+/// the slaves keep running their atoms, reconnect, report them, and the build finishes with every
+/// atom run exactly once (each atom appends its token to a shared file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_master_mid_build_loses_and_repeats_nothing() {
+    let mut c = Cluster::start(2, 2).await;
+    let marker = tempfile::tempdir().unwrap();
+    let runs = marker.path().join("runs");
+    let project = project_with(&format!(
+        "M:\n  commands: ['sleep 0.3', 'echo $T >> {}', 'echo $T > $ARTIFACT_DIR/t', 'echo out $T']\n  atomizers: [{{T: 'seq 1 40'}}]\n",
+        runs.display()
+    ));
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    wait_for(&mut b, id, Duration::from_secs(30), |b| {
+        b.completed_atoms >= 10
+    })
+    .await;
+    let master_dir = c.dir.path().join("master");
+    let addr = std::fs::read_to_string(master_dir.join("master.addr")).unwrap();
+    assert_eq!(
+        c.master
+            .signal_and_wait(Signal::SIGKILL, Duration::from_secs(5)),
+        None
+    );
+    c.master = Proc::spawn(
+        "master2",
+        &[
+            "master",
+            "--listen",
+            addr.trim(),
+            "--data-dir",
+            master_dir.to_str().unwrap(),
+        ],
+        &c.secret,
+        c.dir.path(),
+    );
+    let (mut b, _) = c.clients().await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        state(&build),
+        proto::BuildState::Finished,
+        "{build:#?}\n{}",
+        c.master.log()
+    );
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("out {t}\n"),
+        exit_code: 0,
+        files: vec![("t".into(), format!("{t}\n").into_bytes())],
+    })
+    .await;
+    let mut lines: Vec<u32> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        (1..=40).collect::<Vec<u32>>(),
+        "every atom ran exactly once"
+    );
+    c.stop();
+}

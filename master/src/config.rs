@@ -22,6 +22,9 @@ pub struct MasterConfig {
     pub max_setup_failures: u32,
     /// Preparation attempts (a preparing slave lost) after which a build ends in ERROR. Default 3.
     pub max_prepare_attempts: u32,
+    /// After a restart, how long subjobs of resumed builds wait for the slaves that ran them to
+    /// reconnect and report, before they are dispatched again, in milliseconds. Default 5000.
+    pub resume_grace_ms: u64,
     /// Messages queued to one slave before it is considered stuck and dropped. Default 4096.
     pub slave_queue_capacity: usize,
     /// Largest artifact file a slave may upload for one atom, in bytes. Default 1 GiB.
@@ -38,6 +41,7 @@ impl Default for MasterConfig {
             heartbeat_timeout_ms: 15_000,
             max_setup_failures: 3,
             max_prepare_attempts: 3,
+            resume_grace_ms: 5_000,
             slave_queue_capacity: 4_096,
             max_artifact_bytes_per_atom: 1 << 30,
         }

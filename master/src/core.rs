@@ -133,6 +133,8 @@ pub enum Command {
     Metrics(Reply<String>),
     /// Periodic housekeeping: lose silent slaves.
     Tick(Instant),
+    /// A database flush finished: send the answers that waited for it.
+    Flushed(Vec<Durable>, std::result::Result<(), String>),
     /// The master is stopping: end every slave stream. Builds stay as stored and resume when
     /// the master starts again.
     Shutdown(oneshot::Sender<()>),
@@ -149,6 +151,9 @@ pub struct CoreConfig {
     pub max_setup_failures: u32,
     /// Lost preparations before a build errors.
     pub max_prepare_attempts: u32,
+    /// After a restart, how long subjobs of resumed builds wait for their slaves to reconnect
+    /// and report them before they are dispatched again.
+    pub resume_grace: Duration,
 }
 
 impl Default for CoreConfig {
@@ -158,6 +163,7 @@ impl Default for CoreConfig {
             heartbeat_timeout: Duration::from_secs(15),
             max_setup_failures: 3,
             max_prepare_attempts: 3,
+            resume_grace: Duration::from_secs(5),
         }
     }
 }
@@ -225,6 +231,8 @@ struct Build {
     slaves: BTreeMap<u64, SlaveBuild>,
     next_executor_index: u32,
     executors_in_use: u32,
+    /// Resumed after a master restart: its subjobs wait for `Core::resume_until`.
+    recovered: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -284,6 +292,21 @@ pub struct Core {
     events: VecDeque<proto::Event>,
     next_event_id: u64,
     metrics: Metrics,
+    /// Until then, resumed builds dispatch nothing: their slaves may still report them.
+    resume_until: Option<Instant>,
+    /// Answers that wait for the next database flush.
+    durable: Vec<Durable>,
+    /// A flush is running.
+    flushing: bool,
+}
+
+/// Something answered only once the database is flushed.
+#[derive(Debug)]
+pub enum Durable {
+    /// A submitted build: its id goes to the client.
+    Submitted(u64, Reply<u64>),
+    /// A finished attempt: the slave may forget it.
+    Ack(u64, u64),
 }
 
 /// Most `remote_files` one build may ask for.
@@ -472,6 +495,7 @@ impl Build {
             slaves: BTreeMap::new(),
             next_executor_index: 0,
             executors_in_use: 0,
+            recovered: false,
         }
     }
 
@@ -612,6 +636,9 @@ impl Core {
             events: VecDeque::new(),
             next_event_id: 1,
             metrics: Metrics::default(),
+            resume_until: None,
+            durable: Vec::new(),
+            flushing: false,
         }
     }
 
@@ -726,6 +753,10 @@ impl Core {
                             recovering: true,
                         });
                     }
+                }
+                if matches!(b.state, BuildState::Prepared | BuildState::Building) {
+                    b.recovered = true;
+                    self.resume_until = Some(Instant::now() + self.cfg.resume_grace);
                 }
                 tracing::info!(build = id, state = ?b.state, pending = b.pending.len(), "resuming build after restart");
                 self.active.insert(id);
@@ -906,9 +937,14 @@ impl Core {
     /// Handles one command.
     pub fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(req, reply) => {
-                let _ = reply.send(self.submit(req));
-            }
+            Command::Submit(req, reply) => match self.submit(req) {
+                // Answered once the build is on disk (see `start_flush`).
+                Ok(id) => self.durable.push(Durable::Submitted(id, reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Flushed(batch, outcome) => self.flushed(batch, outcome),
             Command::Cancel(id, reply) => {
                 let _ = reply.send(self.cancel(id));
             }
@@ -1048,6 +1084,61 @@ impl Core {
                 self.lose_slave(sid, "its message queue is full or closed");
             }
             self.schedule();
+        }
+        self.start_flush();
+    }
+
+    /// Group commit: one database flush at a time covers everything that waits to be durable;
+    /// what arrives meanwhile rides on the next one. Answers go out when the flush is done.
+    fn start_flush(&mut self) {
+        if self.flushing || self.durable.is_empty() {
+            return;
+        }
+        self.flushing = true;
+        let batch = std::mem::take(&mut self.durable);
+        let store = self.store.clone();
+        let back = self.self_tx.clone();
+        tokio::spawn(async move {
+            let outcome = store.flush().await.map_err(|e| e.to_string());
+            match back.upgrade() {
+                Some(tx) => {
+                    let _ = tx.send(Command::Flushed(batch, outcome)).await;
+                }
+                None => {
+                    for d in batch {
+                        if let Durable::Submitted(_, reply) = d {
+                            let _ = reply.send(Err(MasterError::ShuttingDown));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn flushed(&mut self, batch: Vec<Durable>, outcome: std::result::Result<(), String>) {
+        self.flushing = false;
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "database flush failed");
+            self.metrics.internal_error("StorageFlushFailure");
+        }
+        for d in batch {
+            match (d, &outcome) {
+                (Durable::Submitted(id, reply), Ok(())) => {
+                    let _ = reply.send(Ok(id));
+                }
+                (Durable::Submitted(_, reply), Err(e)) => {
+                    // The build may not survive a crash: say so rather than acknowledge it.
+                    let _ = reply.send(Err(MasterError::Io {
+                        context: "storing the build".into(),
+                        source: std::io::Error::other(e.clone()),
+                    }));
+                }
+                (Durable::Ack(sid, attempt), Ok(())) => {
+                    self.send(sid, Down::SubjobAck(proto::SubjobAck { attempt }));
+                }
+                // Without an ack the slave keeps the attempt and reports it again.
+                (Durable::Ack(..), Err(_)) => {}
+            }
         }
     }
 
@@ -1290,7 +1381,159 @@ impl Core {
                 heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
             }),
         );
+        self.adopt(id, reg.builds, reg.attempts);
         Ok(id)
+    }
+
+    /// Takes over the work a (re)connecting slave still holds: builds it is set up for and
+    /// attempts it kept running while it was away from this master (a master restart, a network
+    /// blip). Attempts whose subjob is still wanted continue where they are; the others are
+    /// dropped, and workspaces of builds that no longer run are torn down.
+    fn adopt(&mut self, sid: u64, held: Vec<proto::HeldBuild>, reports: Vec<proto::AttemptReport>) {
+        let executors = self.slaves.get(&sid).map(|s| s.executors).unwrap_or(0);
+        for h in held {
+            let Some(b) = self
+                .builds
+                .get_mut(&h.build_id)
+                .filter(|b| matches!(b.state, BuildState::Prepared | BuildState::Building))
+            else {
+                self.send(
+                    sid,
+                    Down::Teardown(proto::Teardown {
+                        build_id: h.build_id,
+                    }),
+                );
+                continue;
+            };
+            if b.slaves.contains_key(&sid) {
+                continue;
+            }
+            let sb = if h.set_up {
+                let cap = executors.min(b.max_per_slave());
+                let start_index = b.next_executor_index;
+                b.next_executor_index += cap;
+                SlaveBuild {
+                    state: SlaveBuildState::Ready,
+                    start_index,
+                    cap,
+                    free_local: (0..cap).collect(),
+                }
+            } else {
+                SlaveBuild {
+                    state: SlaveBuildState::Prepared,
+                    start_index: 0,
+                    cap: 0,
+                    free_local: BTreeSet::new(),
+                }
+            };
+            b.slaves.insert(sid, sb);
+        }
+        for r in reports {
+            if !self.adopt_attempt(sid, &r) {
+                tracing::info!(
+                    slave = sid,
+                    build = r.build_id,
+                    attempt = r.attempt,
+                    "dropping an attempt the master no longer wants"
+                );
+                self.send(
+                    sid,
+                    Down::DropAttempt(proto::DropAttempt {
+                        build_id: r.build_id,
+                        attempt: r.attempt,
+                    }),
+                );
+                continue;
+            }
+            tracing::info!(
+                slave = sid,
+                build = r.build_id,
+                subjob = r.subjob_id,
+                attempt = r.attempt,
+                "adopted a running attempt"
+            );
+            for res in r.results {
+                self.atom_result(sid, res);
+            }
+            if r.done {
+                self.subjob_done(
+                    sid,
+                    proto::SubjobDone {
+                        build_id: r.build_id,
+                        subjob_id: r.subjob_id,
+                        attempt: r.attempt,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Records a reported attempt as running on `sid` if its subjob still needs it.
+    fn adopt_attempt(&mut self, sid: u64, r: &proto::AttemptReport) -> bool {
+        let Some(slave) = self.slaves.get(&sid) else {
+            return false;
+        };
+        let slot = if slave.free_slots.contains(&r.executor_index) {
+            r.executor_index
+        } else if let Some(&s) = slave.free_slots.first() {
+            s
+        } else {
+            return false;
+        };
+        let Some(b) = self.builds.get_mut(&r.build_id) else {
+            return false;
+        };
+        if !matches!(b.state, BuildState::Prepared | BuildState::Building) {
+            return false;
+        }
+        let Some(sb) = b
+            .slaves
+            .get_mut(&sid)
+            .filter(|sb| sb.state == SlaveBuildState::Ready)
+        else {
+            return false;
+        };
+        let wanted_local = r.build_executor_index.checked_sub(sb.start_index);
+        let local = match wanted_local.filter(|l| sb.free_local.contains(l)) {
+            Some(l) => l,
+            None => match sb.free_local.first() {
+                Some(&l) => l,
+                None => return false,
+            },
+        };
+        let Some(s) = b.subjobs.get_mut(r.subjob_id as usize) else {
+            return false;
+        };
+        if s.completed || s.running.is_some() {
+            return false;
+        }
+        sb.free_local.remove(&local);
+        s.running = Some(r.attempt);
+        s.attempts = s.attempts.max(1);
+        for a in s.atoms.iter_mut().filter(|a| a.exit_code.is_none()) {
+            a.state = proto::AtomState::InProgress as i32;
+        }
+        b.pending.retain(|&p| p != r.subjob_id);
+        b.executors_in_use += 1;
+        if b.state == BuildState::Prepared {
+            b.transition(BuildEvent::StartBuilding);
+        }
+        let slave = self.slaves.get_mut(&sid).expect("checked above");
+        slave.free_slots.remove(&slot);
+        slave.busy.insert(slot, Work::Subjob(r.attempt));
+        self.attempts.insert(
+            r.attempt,
+            Attempt {
+                build: r.build_id,
+                subjob: r.subjob_id,
+                slave: sid,
+                slot,
+                local,
+            },
+        );
+        self.persist(r.build_id);
+        self.notify(r.build_id);
+        true
     }
 
     fn on_slave_message(&mut self, sid: u64, msg: Up) {
@@ -1324,6 +1567,11 @@ impl Core {
                 if !t.ok {
                     tracing::warn!(slave = sid, build = t.build_id, error = %t.error, "teardown_build failed");
                 }
+            }
+            Up::Draining(d) => {
+                tracing::info!(slave = sid, reason = %d.reason, "slave is draining");
+                slave.draining = true;
+                self.event("SLAVE_DRAINING", serde_json::json!({ "slave_id": sid }));
             }
             Up::GoingAway(g) => {
                 tracing::info!(slave = sid, reason = %g.reason, "slave is leaving");
@@ -1594,8 +1842,19 @@ impl Core {
 
     fn subjob_done(&mut self, sid: u64, d: proto::SubjobDone) {
         let Some(att) = self.current_attempt(sid, d.attempt, d.build_id, d.subjob_id) else {
+            // Not ours (any more): tell the slave to forget it.
+            self.send(
+                sid,
+                Down::DropAttempt(proto::DropAttempt {
+                    build_id: d.build_id,
+                    attempt: d.attempt,
+                }),
+            );
             return;
         };
+        // The slave forgets an attempt once acknowledged, so the ack waits until its results are
+        // on disk: a master crash before that makes the slave report them again.
+        self.durable.push(Durable::Ack(sid, d.attempt));
         self.attempts.remove(&d.attempt);
         self.event(
             "MASTER_RECEIVED_RESULT",
@@ -1830,6 +2089,9 @@ impl Core {
     }
 
     fn sweep(&mut self, now: Instant) {
+        if self.resume_until.is_some_and(|t| now >= t) {
+            self.resume_until = None;
+        }
         let timeout = self.cfg.heartbeat_timeout;
         let silent: Vec<u64> = self
             .slaves
@@ -1913,6 +2175,9 @@ impl Core {
     }
 
     fn dispatch(&mut self, id: u64) {
+        if self.builds[&id].recovered && self.resume_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         // 1. Fill free executors of slaves already set up for the build.
         let ready: Vec<u64> = self.builds[&id]
             .slaves

@@ -47,6 +47,7 @@ pub async fn serve(
         heartbeat_timeout: Duration::from_millis(cfg.heartbeat_timeout_ms),
         max_setup_failures: cfg.max_setup_failures,
         max_prepare_attempts: cfg.max_prepare_attempts,
+        resume_grace: Duration::from_millis(cfg.resume_grace_ms),
     };
     let (handle, _actor) = actor::start(core_cfg, store.clone(), layout)?;
     let check = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {

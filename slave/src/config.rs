@@ -28,6 +28,9 @@ pub struct SlaveConfig {
     pub master_timeout_ms: u64,
     /// Largest atomizer output accepted, in bytes. Default 64 MiB.
     pub max_atomizer_output: usize,
+    /// On shutdown (SIGTERM), how long running subjobs may take to finish before they are
+    /// stopped and handed back to the master, in milliseconds. Default 30000.
+    pub shutdown_grace_ms: u64,
     /// How long `teardown_build` may run on shutdown, in milliseconds. Default 30000.
     pub shutdown_teardown_ms: u64,
     /// Largest file a build's `remote_files` may download, in bytes. Default 256 MiB.
@@ -84,6 +87,7 @@ impl Default for SlaveConfig {
             max_reconnect_delay_ms: 5_000,
             master_timeout_ms: 20_000,
             max_atomizer_output: 64 << 20,
+            shutdown_grace_ms: 30_000,
             shutdown_teardown_ms: 30_000,
             remote_file_max_bytes: 256 << 20,
             remote_file_timeout_ms: 300_000,

@@ -19,15 +19,17 @@ pub mod project;
 pub mod remote;
 pub mod runner;
 pub mod session;
+pub mod worker;
 
 pub use config::SlaveConfig;
 
 use rand::Rng;
-use session::{SessionEnd, Shared};
+use session::SessionEnd;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use worker::{Shared, Worker};
 
 /// Why the slave stopped (on success).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,13 +84,25 @@ pub async fn run(
     });
     let _abort_watcher = AbortOnDrop(watcher);
     let max_delay = Duration::from_millis(shared.cfg.max_reconnect_delay_ms.max(100));
+    let worker = Worker::new(shared);
+    // Owns every task of the slave: dropping `run` (an in-process kill) aborts them all, and with
+    // them the atoms' process groups.
+    let mut tasks = tokio::task::JoinSet::new();
     let mut delay = Duration::from_millis(100);
+    let mut epoch = 0;
     loop {
         let started = std::time::Instant::now();
-        match session::run_session(shared.clone(), stop.clone()).await {
-            SessionEnd::Shutdown => return Ok(Exit::Shutdown),
+        epoch += 1;
+        match session::run_session(&worker, &mut tasks, epoch, &stop).await {
+            SessionEnd::Shutdown => {
+                leave_offline(&worker, &mut tasks).await;
+                return Ok(Exit::Shutdown);
+            }
             SessionEnd::Drained => return Ok(Exit::Drained),
-            SessionEnd::Refused(msg) => return Err(SlaveError::Refused(msg)),
+            SessionEnd::Refused(msg) => {
+                worker.cancel_all();
+                return Err(SlaveError::Refused(msg));
+            }
             SessionEnd::Lost(why) => {
                 if started.elapsed() > Duration::from_secs(10) {
                     // The session was healthy for a while: start backing off from scratch.
@@ -101,11 +115,27 @@ pub async fn run(
         let wait = delay.mul_f64(rand::rng().random_range(0.5..1.0));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stop.cancelled() => return Ok(Exit::Shutdown),
+            _ = stop.cancelled() => {
+                leave_offline(&worker, &mut tasks).await;
+                return Ok(Exit::Shutdown);
+            }
         }
         delay = (delay * 2).min(max_delay);
     }
 }
+
+/// Shutdown without a master to talk to: stop everything and clean up (a no-op after a session
+/// that already left cleanly).
+async fn leave_offline(worker: &std::sync::Arc<Worker>, tasks: &mut tokio::task::JoinSet<()>) {
+    worker.cancel_all();
+    let grace = Duration::from_millis(worker.shared.cfg.kill_grace_ms) + Duration::from_secs(5);
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    let budget = Duration::from_millis(worker.shared.cfg.shutdown_teardown_ms);
+    let _ = tokio::time::timeout(budget, worker.teardown_all()).await;
+}
+
+/// Name of an atom's console file in its results.
+pub const CONSOLE_FILE: &str = "clusterrunner_console_output";
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

@@ -19,8 +19,9 @@ impl FakeSlave {
     fn next(&mut self) -> Option<D> {
         loop {
             match self.rx.try_recv() {
+                // Liveness and bookkeeping, not work.
                 Ok(proto::MasterMessage {
-                    msg: Some(D::Heartbeat(_)),
+                    msg: Some(D::Heartbeat(_) | D::SubjobAck(_)),
                 }) => continue,
                 Ok(m) => return m.msg,
                 Err(_) => return None,
@@ -112,8 +113,26 @@ impl Harness {
         s
     }
 
-    fn submit(&mut self, req: proto::BuildRequest) -> u64 {
-        self.call(|r| Command::Submit(req, r)).unwrap()
+    /// Submits and waits for the answer, which comes after the database flush (handled here
+    /// like the actor would).
+    async fn submit(&mut self, req: proto::BuildRequest) -> u64 {
+        let (tx, mut rx) = oneshot::channel();
+        self.core.handle(Command::Submit(req, tx));
+        loop {
+            if let Ok(r) = rx.try_recv() {
+                return r.unwrap();
+            }
+            self.pump().await;
+        }
+    }
+
+    /// Handles the next command the core sent itself (flush and archive completions).
+    async fn pump(&mut self) {
+        let cmd = tokio::time::timeout(Duration::from_secs(5), self.cmds.recv())
+            .await
+            .expect("a command from the core")
+            .unwrap();
+        self.core.handle(cmd);
     }
 
     fn build(&mut self, id: u64) -> proto::Build {
@@ -189,11 +208,13 @@ impl Harness {
                 done.send(Ok(())).unwrap();
             }
         }
-        for _ in 0..archives.len() {
+        let mut written = 0;
+        while written < archives.len() {
             let cmd = tokio::time::timeout(Duration::from_secs(5), self.cmds.recv())
                 .await
                 .expect("archive completion")
                 .unwrap();
+            written += usize::from(matches!(cmd, Command::ArchivesWritten(..)));
             self.core.handle(cmd);
         }
         archives
@@ -217,7 +238,7 @@ fn state(b: &proto::Build) -> proto::BuildState {
 async fn a_build_runs_from_queue_to_finished() {
     let mut h = Harness::new();
     let mut s = h.slave("s1", 2);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     let D::Prepare(p) = s.next().expect("prepare") else {
         panic!("expected Prepare")
     };
@@ -278,7 +299,7 @@ async fn max_executors_and_per_slave_caps_hold() {
     let mut h = Harness::new();
     let mut a = h.slave("a", 4);
     let mut b = h.slave("b", 4);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     let preparer_is_a = matches!(a.next(), Some(D::Prepare(_)));
     let (prep, other) = if preparer_is_a {
         (&mut a, &mut b)
@@ -342,7 +363,7 @@ async fn max_executors_and_per_slave_caps_hold() {
 async fn a_lost_slave_requeues_only_unreported_atoms_and_late_results_are_ignored() {
     let mut h = Harness::new();
     let mut a = h.slave("a", 1);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(a.next(), Some(D::Prepare(_))));
     h.prepared(&a, id, job(0, 0), atoms(2));
     assert!(matches!(a.next(), Some(D::Setup(_))));
@@ -410,7 +431,7 @@ async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
         )
         .unwrap();
     let mut a = h.slave("a", 1);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(a.next(), Some(D::Prepare(_))));
     h.prepared(&a, id, job(1, 0), atoms(3));
     assert_eq!(h.build(id).num_subjobs, 2);
@@ -446,7 +467,7 @@ async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
 async fn cancel_kills_running_work_and_tears_down() {
     let mut h = Harness::new();
     let mut s = h.slave("s", 2);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
     h.prepared(&s, id, job(0, 0), atoms(4));
     assert!(matches!(s.next(), Some(D::Setup(_))));
@@ -468,7 +489,7 @@ async fn cancel_kills_running_work_and_tears_down() {
     for r in &runs {
         h.complete(&s, r, -15, 0.1);
     }
-    let id2 = h.submit(dir_request(CONFIG));
+    let id2 = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(p)) if p.build_id == id2));
     assert_eq!(
         state(&h.build(id)),
@@ -481,7 +502,7 @@ async fn cancel_kills_running_work_and_tears_down() {
 async fn cancel_while_preparing() {
     let mut h = Harness::new();
     let mut s = h.slave("s", 1);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
     h.call(|r| Command::Cancel(id, r)).unwrap();
     assert!(matches!(s.next(), Some(D::Cancel(_))));
@@ -502,7 +523,7 @@ async fn cancel_while_preparing() {
 async fn failing_setup_errors_the_build_but_keeps_the_slave() {
     let mut h = Harness::new();
     let mut s = h.slave("s", 2);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
     h.prepared(&s, id, job(0, 0), atoms(2));
     assert!(matches!(s.next(), Some(D::Setup(_))));
@@ -523,7 +544,7 @@ async fn failing_setup_errors_the_build_but_keeps_the_slave() {
     );
     assert!(matches!(s.next(), Some(D::Teardown(_))));
     // The slave is still registered and gets the next build.
-    let id2 = h.submit(dir_request(CONFIG));
+    let id2 = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(p)) if p.build_id == id2));
 }
 
@@ -532,7 +553,7 @@ async fn setup_failure_on_one_slave_moves_work_to_another() {
     let mut h = Harness::new();
     let mut a = h.slave("a", 1);
     let mut b = h.slave("b", 1);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     let prep_a = matches!(a.next(), Some(D::Prepare(_)));
     if !prep_a {
         assert!(matches!(b.next(), Some(D::Prepare(_))));
@@ -616,7 +637,7 @@ async fn the_second_build_is_grouped_by_recorded_times() {
     let mut s = h.slave("s", 1);
     let times = [1.0, 10.0, 11.0, 2.0, 10.0, 5.0, 2.0, 8.0, 10.0, 3.0];
     for round in 0..2 {
-        let id = h.submit(dir_request(CONFIG));
+        let id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
         h.prepared(&s, id, job(2, 0), atoms(10));
         let subjobs = h
@@ -768,7 +789,7 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
 async fn a_silent_slave_is_lost_after_the_heartbeat_deadline() {
     let mut h = Harness::new();
     let mut s = h.slave("s", 1);
-    let id = h.submit(dir_request(CONFIG));
+    let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
     h.core.handle(Command::Tick(Instant::now()));
     assert_eq!(h.call(Command::ListSlaves).unwrap().slaves.len(), 1);
@@ -786,7 +807,7 @@ async fn builds_resume_after_a_restart() {
     {
         let mut h = Harness::with_store(store.clone());
         let mut s = h.slave("s", 1);
-        id = h.submit(dir_request(CONFIG));
+        id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
         h.prepared(&s, id, job(0, 0), atoms(2));
         assert!(matches!(s.next(), Some(D::Setup(_))));
@@ -801,6 +822,10 @@ async fn builds_resume_after_a_restart() {
     assert_eq!(state(&b), proto::BuildState::Building);
     assert_eq!(b.completed_subjobs, 1);
     let mut s = h.slave("s", 1);
+    // Within the resume grace nothing is dispatched: the slave that ran it may still report it.
+    assert!(s.next().is_none());
+    h.core
+        .handle(Command::Tick(Instant::now() + Duration::from_secs(6)));
     assert!(matches!(s.next(), Some(D::Setup(_))));
     h.setup_ok(&s, id);
     let runs = run_subjobs(&s.all());
@@ -810,6 +835,158 @@ async fn builds_resume_after_a_restart() {
     let b = h.build(id);
     assert_eq!(state(&b), proto::BuildState::Finished);
     assert_eq!(b.completed_atoms, 2);
+}
+
+/// A slave that kept running through a master restart reports its attempt on reconnecting: the
+/// master adopts it (no second dispatch, no second setup), records what it finished meanwhile,
+/// and the build completes with each atom counted once.
+#[tokio::test]
+async fn a_restarted_master_adopts_work_a_slave_kept_running() {
+    let store = Store::temporary().unwrap();
+    let (id, r0, r1);
+    {
+        let mut h = Harness::with_store(store.clone());
+        let mut s = h.slave("s", 2);
+        id = h.submit(dir_request(CONFIG)).await;
+        assert!(matches!(s.next(), Some(D::Prepare(_))));
+        h.prepared(&s, id, job(0, 0), atoms(3));
+        assert!(matches!(s.next(), Some(D::Setup(_))));
+        h.setup_ok(&s, id);
+        let runs = run_subjobs(&s.all());
+        assert_eq!(runs.len(), 2);
+        (r0, r1) = (runs[0].clone(), runs[1].clone());
+    }
+    let mut h = Harness::with_store(store);
+    h.core.recover().unwrap();
+    // The slave reconnects: attempt r0 finished meanwhile, r1 is still running.
+    let (tx, rx) = mpsc::channel(1024);
+    let result = |r: &proto::RunSubjob| proto::AtomResult {
+        build_id: id,
+        subjob_id: r.subjob_id,
+        atom_id: r.atoms[0].atom_id,
+        attempt: r.attempt,
+        exit_code: 0,
+        seconds: 0.5,
+        artifact_files: 0,
+    };
+    let reg = proto::Register {
+        name: "s".into(),
+        executors: 2,
+        attempts: vec![
+            proto::AttemptReport {
+                build_id: id,
+                subjob_id: r0.subjob_id,
+                attempt: r0.attempt,
+                executor_index: r0.executor_index,
+                build_executor_index: r0.build_executor_index,
+                results: vec![result(&r0)],
+                done: true,
+            },
+            proto::AttemptReport {
+                build_id: id,
+                subjob_id: r1.subjob_id,
+                attempt: r1.attempt,
+                executor_index: r1.executor_index,
+                build_executor_index: r1.build_executor_index,
+                results: vec![],
+                done: false,
+            },
+        ],
+        builds: vec![proto::HeldBuild {
+            build_id: id,
+            set_up: true,
+        }],
+        ..Default::default()
+    };
+    let sid = h.call(|r| Command::SlaveConnected(reg, tx, r)).unwrap();
+    let mut s = FakeSlave { id: sid, rx };
+    assert!(matches!(s.next(), Some(D::Registered(_))));
+    // The third subjob waits for the grace; nothing is set up again.
+    assert!(s.next().is_none(), "adopted work is not dispatched again");
+    let b = h.build(id);
+    assert_eq!((b.completed_atoms, b.completed_subjobs), (1, 1));
+    h.core
+        .handle(Command::Tick(Instant::now() + Duration::from_secs(6)));
+    let third = run_subjobs(&s.all());
+    assert_eq!(
+        third.len(),
+        1,
+        "the free executor gets the remaining subjob, without a new setup"
+    );
+    assert_ne!(third[0].subjob_id, r0.subjob_id);
+    assert_ne!(third[0].subjob_id, r1.subjob_id);
+    h.complete(&s, &r1, 0, 0.5);
+    h.complete(&s, &third[0], 0, 0.5);
+    // A duplicate report of r0's result changes nothing.
+    h.from(&s, Up::AtomResult(result(&r0)));
+    h.run_results().await;
+    let b = h.build(id);
+    assert_eq!(state(&b), proto::BuildState::Finished);
+    assert_eq!(b.completed_atoms, 3);
+    let subjobs = h
+        .call(|reply| Command::ListSubjobs {
+            build: id,
+            offset: 0,
+            limit: 0,
+            reply,
+        })
+        .unwrap();
+    assert!(
+        subjobs.subjobs.iter().all(|s| s.attempts == 1),
+        "{subjobs:?}"
+    );
+}
+
+/// Work a reconnecting slave holds that the master gave to someone else, or for a build that
+/// ended, is dropped; a workspace of an ended build is torn down.
+#[tokio::test]
+async fn unwanted_reported_work_is_dropped() {
+    let mut h = Harness::new();
+    let mut a = h.slave("a", 1);
+    let id = h.submit(dir_request(CONFIG)).await;
+    assert!(matches!(a.next(), Some(D::Prepare(_))));
+    h.prepared(&a, id, job(0, 0), atoms(1));
+    assert!(matches!(a.next(), Some(D::Setup(_))));
+    h.setup_ok(&a, id);
+    let r = run_subjobs(&a.all()).pop().unwrap();
+    // Another slave ("b") comes back claiming a stale attempt of the same subjob, and a build
+    // that does not exist.
+    let (tx, rx) = mpsc::channel(1024);
+    let reg = proto::Register {
+        name: "b".into(),
+        executors: 1,
+        attempts: vec![proto::AttemptReport {
+            build_id: id,
+            subjob_id: r.subjob_id,
+            attempt: r.attempt + 1000,
+            done: false,
+            ..Default::default()
+        }],
+        builds: vec![
+            proto::HeldBuild {
+                build_id: id,
+                set_up: true,
+            },
+            proto::HeldBuild {
+                build_id: 999,
+                set_up: true,
+            },
+        ],
+        ..Default::default()
+    };
+    let sid = h.call(|rp| Command::SlaveConnected(reg, tx, rp)).unwrap();
+    let mut b = FakeSlave { id: sid, rx };
+    let msgs = b.all();
+    assert!(
+        msgs.iter()
+            .any(|m| matches!(m, D::Teardown(t) if t.build_id == 999)),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| matches!(m, D::DropAttempt(d) if d.attempt == r.attempt + 1000)),
+        "{msgs:?}"
+    );
 }
 
 #[tokio::test]
@@ -825,7 +1002,7 @@ async fn a_draining_slave_gets_no_new_work() {
         .unwrap();
     assert_eq!(ids, [s.id]);
     assert!(matches!(s.next(), Some(D::Drain(_))));
-    h.submit(dir_request(CONFIG));
+    h.submit(dir_request(CONFIG)).await;
     assert!(s.next().is_none());
     let err = h
         .call(|reply| Command::Drain {
@@ -835,4 +1012,33 @@ async fn a_draining_slave_gets_no_new_work() {
         })
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+/// The slave forgets an attempt when acknowledged, so the ack must follow the flush that makes
+/// its results durable.
+#[tokio::test]
+async fn subjob_acks_wait_for_the_flush() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s", 1);
+    let id = h.submit(dir_request(CONFIG)).await;
+    assert!(matches!(s.next(), Some(D::Prepare(_))));
+    h.prepared(&s, id, job(0, 0), atoms(1));
+    assert!(matches!(s.next(), Some(D::Setup(_))));
+    h.setup_ok(&s, id);
+    let r = run_subjobs(&s.all()).pop().unwrap();
+    h.complete(&s, &r, 0, 0.1);
+    let raw = |s: &mut FakeSlave| {
+        std::iter::from_fn(|| s.rx.try_recv().ok().and_then(|m| m.msg)).collect::<Vec<_>>()
+    };
+    assert!(
+        !raw(&mut s).iter().any(|m| matches!(m, D::SubjobAck(_))),
+        "no ack before the flush"
+    );
+    h.pump().await;
+    assert!(
+        raw(&mut s)
+            .iter()
+            .any(|m| matches!(m, D::SubjobAck(a) if a.attempt == r.attempt)),
+        "ack after the flush"
+    );
 }

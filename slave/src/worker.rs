@@ -1,0 +1,871 @@
+//! What a slave process holds and does, across connections to the master.
+//!
+//! The [`Worker`] outlives sessions: when the master goes away (restart, network blip) running
+//! work keeps running. Everything the slave says goes through one ordered outbox that the current
+//! session drains; while there is no session, control messages wait in it and console chunks are
+//! dropped (an atom whose console stream was interrupted uploads its whole console file with its
+//! artifacts instead). On reconnection the slave reports the attempts and builds it holds
+//! ([`Worker::report`]); the master adopts what it still wants and drops the rest.
+//!
+//! Every message of one atom is sent by one task, so the master sees AtomStarted → console →
+//! AtomResult in order, and an AtomResult is only sent after the atom's upload has completed.
+use crate::config::SlaveConfig;
+use crate::project::{self, Workspace, Workspaces};
+use crate::runner::{self, CommandSpec};
+use ish_core::auth::SecretInterceptor;
+use ish_core::jobconfig;
+use ish_core::proto::{self, master_message::Msg as Down, slave_message::Msg as Up};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// The gRPC client of the slave link, with the cluster secret attached.
+pub type LinkClient =
+    proto::slave_link_client::SlaveLinkClient<InterceptedService<Channel, SecretInterceptor>>;
+
+/// Bytes per upload message.
+const UPLOAD_CHUNK: usize = 256 * 1024;
+/// Bytes of setup/teardown/atomizer output kept for error messages.
+const ERROR_TAIL: usize = 4 * 1024;
+/// Messages waiting for a session before senders wait.
+const OUTBOX: usize = 4096;
+
+/// Settings and services every part of the slave shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// Settings.
+    pub cfg: SlaveConfig,
+    /// The secret interceptor.
+    pub auth: SecretInterceptor,
+    /// Name registered with the master.
+    pub name: String,
+    /// Random id of this process.
+    pub session_id: String,
+    /// Repo cache and workspaces.
+    pub workspaces: Workspaces,
+    /// Downloads of `remote_files`.
+    pub downloader: crate::remote::Downloader,
+}
+
+/// The live session, as the worker's tasks see it.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Increases with every session; console chunks are only sent within their atom's session.
+    pub epoch: u64,
+    /// Id the master gave this slave in this session.
+    pub slave_id: u64,
+    /// Client for uploads.
+    pub link: LinkClient,
+}
+
+/// A build on this slave.
+#[derive(Debug)]
+pub struct BuildCtx {
+    id: u64,
+    /// Stops the build's processes.
+    cancel: CancellationToken,
+    /// Its prepare/setup/subjob tasks.
+    tasks: TaskTracker,
+    ws: Mutex<Option<Workspace>>,
+    job: Mutex<Option<proto::JobConfig>>,
+    env: Mutex<Vec<(String, String)>>,
+    /// setup_build was started here, so teardown_build must run.
+    setup_ran: AtomicBool,
+    /// The workspace exists (a Prepare or Setup finished).
+    held: AtomicBool,
+    /// Setup succeeded: subjobs may run.
+    set_up: AtomicBool,
+}
+
+impl BuildCtx {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ws: Mutex::new(None),
+            job: Mutex::new(None),
+            env: Mutex::new(Vec::new()),
+            setup_ran: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            set_up: AtomicBool::new(false),
+        }
+    }
+
+    fn workspace(&self) -> Option<Workspace> {
+        self.ws.lock().expect("poisoned").clone()
+    }
+
+    fn job(&self) -> Option<proto::JobConfig> {
+        self.job.lock().expect("poisoned").clone()
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        self.env.lock().expect("poisoned").clone()
+    }
+}
+
+/// An attempt this slave runs (or ran and the master has not acknowledged yet).
+#[derive(Debug)]
+struct AttemptState {
+    run: proto::RunSubjob,
+    /// Results of finished (and uploaded) atoms.
+    results: Vec<proto::AtomResult>,
+    done: bool,
+    cancel: CancellationToken,
+}
+
+/// What one slave process holds across sessions. See the module docs.
+#[derive(Debug)]
+pub struct Worker {
+    /// Settings and services.
+    pub shared: Arc<Shared>,
+    builds: Mutex<HashMap<u64, Arc<BuildCtx>>>,
+    attempts: Mutex<BTreeMap<u64, AttemptState>>,
+    outbox: mpsc::Sender<Up>,
+    /// Taken by the current session's pump.
+    pub outbox_rx: tokio::sync::Mutex<mpsc::Receiver<Up>>,
+    live: watch::Sender<Option<Live>>,
+    grace: Duration,
+}
+
+impl Worker {
+    /// A worker with nothing held.
+    pub fn new(shared: Arc<Shared>) -> Arc<Self> {
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        let (live, _) = watch::channel(None);
+        Arc::new(Self {
+            grace: Duration::from_millis(shared.cfg.kill_grace_ms),
+            shared,
+            builds: Mutex::default(),
+            attempts: Mutex::default(),
+            outbox,
+            outbox_rx: tokio::sync::Mutex::new(rx),
+            live,
+        })
+    }
+
+    /// Publishes the live session (or its end, with `None`).
+    pub fn set_live(&self, live: Option<Live>) {
+        self.live.send_replace(live);
+    }
+
+    fn epoch(&self) -> u64 {
+        self.live.borrow().as_ref().map(|l| l.epoch).unwrap_or(0)
+    }
+
+    /// Queues a control message for the master (waits while the outbox is full).
+    async fn send(&self, msg: Up) {
+        let _ = self.outbox.send(msg).await;
+    }
+
+    /// True when nothing waits in the outbox.
+    pub fn outbox_empty(&self) -> bool {
+        self.outbox.capacity() == OUTBOX
+    }
+
+    fn build(&self, id: u64) -> Arc<BuildCtx> {
+        self.builds
+            .lock()
+            .expect("poisoned")
+            .entry(id)
+            .or_insert_with(|| Arc::new(BuildCtx::new(id)))
+            .clone()
+    }
+
+    fn existing(&self, id: u64) -> Option<Arc<BuildCtx>> {
+        self.builds.lock().expect("poisoned").get(&id).cloned()
+    }
+
+    fn all_builds(&self) -> Vec<Arc<BuildCtx>> {
+        self.builds
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// What this slave holds, for its Register: attempts not acknowledged yet, and builds with a
+    /// workspace.
+    pub fn report(&self) -> (Vec<proto::AttemptReport>, Vec<proto::HeldBuild>) {
+        let attempts = self
+            .attempts
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|a| proto::AttemptReport {
+                build_id: a.run.build_id,
+                subjob_id: a.run.subjob_id,
+                attempt: a.run.attempt,
+                executor_index: a.run.executor_index,
+                build_executor_index: a.run.build_executor_index,
+                results: a.results.clone(),
+                done: a.done,
+            })
+            .collect();
+        let builds = self
+            .all_builds()
+            .into_iter()
+            .filter(|b| b.held.load(Ordering::SeqCst))
+            .map(|b| proto::HeldBuild {
+                build_id: b.id,
+                set_up: b.set_up.load(Ordering::SeqCst),
+            })
+            .collect();
+        (attempts, builds)
+    }
+
+    /// True when no prepare, setup or subjob runs.
+    pub fn idle(&self) -> bool {
+        self.all_builds().iter().all(|b| b.tasks.is_empty())
+    }
+
+    /// Stops every process of every build.
+    pub fn cancel_all(&self) {
+        for b in self.all_builds() {
+            b.cancel.cancel();
+        }
+    }
+
+    /// Tears down every build this slave holds (leaving the cluster).
+    pub async fn teardown_all(self: &Arc<Self>) {
+        for b in self.all_builds() {
+            let r = self.teardown(&b).await;
+            if !r.ok {
+                tracing::warn!(build = b.id, error = %r.error, "teardown failed");
+            }
+        }
+    }
+
+    /// Reacts to one message of the master. Work runs in tasks of `tasks`; nothing here waits.
+    pub fn handle(self: &Arc<Self>, tasks: &mut JoinSet<()>, msg: Down) {
+        match msg {
+            // Drain is the session's business; Registered and Heartbeat only prove liveness.
+            Down::Registered(_) | Down::Heartbeat(_) | Down::Drain(_) => {}
+            Down::Prepare(p) => {
+                let b = self.build(p.build_id);
+                let w = self.clone();
+                tasks.spawn(b.tasks.clone().track_future(async move {
+                    let result = w.prepare(&b, p).await;
+                    w.send(Up::Prepared(result)).await;
+                }));
+            }
+            Down::Setup(s) => {
+                let b = self.build(s.build_id);
+                let w = self.clone();
+                tasks.spawn(b.tasks.clone().track_future(async move {
+                    let result = w.setup(&b, s).await;
+                    w.send(Up::Setup(result)).await;
+                }));
+            }
+            Down::RunSubjob(r) => {
+                let b = self.build(r.build_id);
+                let cancel = b.cancel.child_token();
+                self.attempts.lock().expect("poisoned").insert(
+                    r.attempt,
+                    AttemptState {
+                        run: r.clone(),
+                        results: Vec::new(),
+                        done: false,
+                        cancel: cancel.clone(),
+                    },
+                );
+                let w = self.clone();
+                tasks.spawn(b.tasks.clone().track_future(async move {
+                    w.run_subjob(&b, r, cancel).await;
+                }));
+            }
+            Down::Cancel(c) => {
+                if let Some(b) = self.existing(c.build_id) {
+                    tracing::info!(build = c.build_id, "canceling build");
+                    b.cancel.cancel();
+                }
+            }
+            Down::Teardown(t) => {
+                let w = self.clone();
+                tasks.spawn(async move {
+                    let result = match w.existing(t.build_id) {
+                        Some(b) => w.teardown(&b).await,
+                        None => proto::TeardownDone {
+                            build_id: t.build_id,
+                            ok: true,
+                            error: String::new(),
+                        },
+                    };
+                    w.send(Up::TeardownDone(result)).await;
+                });
+            }
+            Down::SubjobAck(a) => {
+                self.attempts.lock().expect("poisoned").remove(&a.attempt);
+            }
+            Down::DropAttempt(d) => {
+                if let Some(a) = self.attempts.lock().expect("poisoned").remove(&d.attempt) {
+                    tracing::info!(
+                        build = d.build_id,
+                        attempt = d.attempt,
+                        "the master dropped an attempt; stopping it"
+                    );
+                    a.cancel.cancel();
+                }
+            }
+        }
+    }
+
+    /// Environment of every command of a build: the build's own `env`, then what Ish CD sets.
+    fn base_env(&self, b: &BuildCtx, ws: &Workspace) -> Vec<(String, String)> {
+        let mut env = b.env();
+        env.push(("PROJECT_DIR".into(), ws.project_dir.display().to_string()));
+        env.push(("ISH_BUILD_ID".into(), b.id.to_string()));
+        env.push(("ISH_SLAVE_NAME".into(), self.shared.name.clone()));
+        env
+    }
+
+    async fn materialize(
+        &self,
+        b: &BuildCtx,
+        spec: proto::ProjectSpec,
+    ) -> Result<Workspace, String> {
+        if let Some(ws) = b.workspace()
+            && (spec.commit.is_empty() || ws.commit == spec.commit || ws.commit.is_empty())
+        {
+            return Ok(ws);
+        }
+        let workspaces = self.shared.workspaces.clone();
+        let id = b.id;
+        let remote_files = spec.remote_files.clone();
+        let ws = tokio::task::spawn_blocking(move || workspaces.materialize(id, &spec))
+            .await
+            .map_err(|e| format!("fetching the project failed: {e}"))??;
+        self.shared
+            .downloader
+            .fetch_all(&ws.project_dir, &remote_files)
+            .await?;
+        *b.ws.lock().expect("poisoned") = Some(ws.clone());
+        Ok(ws)
+    }
+
+    async fn prepare(&self, b: &BuildCtx, p: proto::Prepare) -> proto::PrepareResult {
+        let mut result = proto::PrepareResult {
+            build_id: p.build_id,
+            ..Default::default()
+        };
+        *b.env.lock().expect("poisoned") =
+            p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let ws = match self.materialize(b, p.project.unwrap_or_default()).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                result.error = e;
+                return result;
+            }
+        };
+        b.held.store(true, Ordering::SeqCst);
+        result.commit = ws.commit.clone();
+        result.project_dir = ws.project_dir.display().to_string();
+        let dir = ws.project_dir.clone();
+        let (job_name, config_json) = (p.job_name, p.config_json);
+        let job = match tokio::task::spawn_blocking(move || {
+            project::load_job(&dir, &job_name, &config_json)
+        })
+        .await
+        {
+            Ok(Ok(job)) => job,
+            Ok(Err(e)) => {
+                result.error = e;
+                return result;
+            }
+            Err(e) => {
+                result.error = format!("loading the job config failed: {e}");
+                return result;
+            }
+        };
+        if !p.atoms_override.is_empty() {
+            result.atoms = p.atoms_override;
+        } else {
+            let project_dir = ws.project_dir.display().to_string();
+            for a in &job.atomizers {
+                let spec = CommandSpec {
+                    script: a.command.clone(),
+                    cwd: ws.project_dir.clone(),
+                    env: self.base_env(b, &ws),
+                };
+                let limit = self.shared.cfg.max_atomizer_output;
+                match runner::run_collect(spec, b.cancel.child_token(), self.grace, limit).await {
+                    Err(e) => {
+                        result.error = format!("Atomizer command failed! Could not start it: {e}");
+                        return result;
+                    }
+                    Ok((o, _)) if o.canceled => {
+                        result.error = "Atomizer canceled.".into();
+                        return result;
+                    }
+                    Ok((_, Err(total))) => {
+                        result.error = format!(
+                            "Atomizer command failed! Its output ({total} bytes) is larger than the limit of {limit} bytes."
+                        );
+                        return result;
+                    }
+                    Ok((o, Ok(out))) if o.exit_code != 0 => {
+                        let out = String::from_utf8_lossy(&out);
+                        let start = out.len().saturating_sub(ERROR_TAIL);
+                        let start = (start..out.len())
+                            .find(|&i| out.is_char_boundary(i))
+                            .unwrap_or(out.len());
+                        result.error = format!(
+                            "Atomizer command failed! `{}` exited with code {}. Output:\n{}",
+                            a.command,
+                            o.exit_code,
+                            out[start..].trim_end()
+                        );
+                        return result;
+                    }
+                    Ok((_, Ok(out))) => {
+                        let out = String::from_utf8_lossy(&out);
+                        result.atoms.extend(jobconfig::atoms_from_output(
+                            &a.variable,
+                            &out,
+                            &project_dir,
+                        ));
+                    }
+                }
+            }
+        }
+        *b.job.lock().expect("poisoned") = Some(job.clone());
+        result.job = Some(job);
+        result
+    }
+
+    async fn setup(&self, b: &BuildCtx, s: proto::Setup) -> proto::SetupResult {
+        let fail = |error: String| proto::SetupResult {
+            build_id: s.build_id,
+            ok: false,
+            error,
+        };
+        *b.env.lock().expect("poisoned") =
+            s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let job = s.job.clone().unwrap_or_default();
+        *b.job.lock().expect("poisoned") = Some(job.clone());
+        let ws = match self
+            .materialize(b, s.project.clone().unwrap_or_default())
+            .await
+        {
+            Ok(ws) => ws,
+            Err(e) => return fail(e),
+        };
+        b.held.store(true, Ordering::SeqCst);
+        b.setup_ran.store(true, Ordering::SeqCst);
+        if !job.setup_build.is_empty() {
+            let spec = CommandSpec {
+                script: job.setup_build.clone(),
+                cwd: ws.project_dir.clone(),
+                env: self.base_env(b, &ws),
+            };
+            match runner::run_capture(spec, b.cancel.child_token(), self.grace, ERROR_TAIL).await {
+                Err(e) => return fail(format!("setup_build could not start: {e}")),
+                Ok((o, out)) if o.exit_code != 0 => {
+                    return fail(format!(
+                        "setup_build exited with code {}. Output:\n{}",
+                        o.exit_code,
+                        tail_text(&out)
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        b.set_up.store(true, Ordering::SeqCst);
+        proto::SetupResult {
+            build_id: s.build_id,
+            ok: true,
+            error: String::new(),
+        }
+    }
+
+    async fn teardown(&self, b: &Arc<BuildCtx>) -> proto::TeardownDone {
+        // Wait for the build's running work (after a cancel it is being killed).
+        b.tasks.close();
+        b.tasks.wait().await;
+        let mut result = proto::TeardownDone {
+            build_id: b.id,
+            ok: true,
+            error: String::new(),
+        };
+        let ran_setup = b.setup_ran.swap(false, Ordering::SeqCst);
+        if let (true, Some(job), Some(ws)) = (ran_setup, b.job(), b.workspace())
+            && !job.teardown_build.is_empty()
+        {
+            let spec = CommandSpec {
+                script: job.teardown_build.clone(),
+                cwd: ws.project_dir.clone(),
+                env: self.base_env(b, &ws),
+            };
+            // Teardown is not stopped by the build's cancel: it is the clean-up after one.
+            match runner::run_capture(spec, CancellationToken::new(), self.grace, ERROR_TAIL).await
+            {
+                Err(e) => {
+                    result.ok = false;
+                    result.error = format!("teardown_build could not start: {e}");
+                }
+                Ok((o, out)) if o.exit_code != 0 => {
+                    result.ok = false;
+                    result.error = format!(
+                        "teardown_build exited with code {}. Output:\n{}",
+                        o.exit_code,
+                        tail_text(&out)
+                    );
+                }
+                Ok(_) => {}
+            }
+        }
+        let workspaces = self.shared.workspaces.clone();
+        let id = b.id;
+        let _ = tokio::task::spawn_blocking(move || workspaces.remove(id)).await;
+        self.builds.lock().expect("poisoned").remove(&b.id);
+        self.attempts
+            .lock()
+            .expect("poisoned")
+            .retain(|_, a| a.run.build_id != b.id);
+        result
+    }
+
+    async fn run_subjob(&self, b: &BuildCtx, r: proto::RunSubjob, cancel: CancellationToken) {
+        let done = proto::SubjobDone {
+            build_id: r.build_id,
+            subjob_id: r.subjob_id,
+            attempt: r.attempt,
+        };
+        let (Some(ws), Some(job)) = (b.workspace(), b.job()) else {
+            tracing::warn!(
+                build = r.build_id,
+                "subjob for a build that is not set up here; handing it back"
+            );
+            self.send(Up::SubjobDone(done)).await;
+            return;
+        };
+        for atom in &r.atoms {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let Some(result) = self.run_atom(b, &ws, &job, &r, atom, &cancel).await else {
+                break;
+            };
+            if let Some(a) = self.attempts.lock().expect("poisoned").get_mut(&r.attempt) {
+                a.results.push(result);
+            }
+            self.send(Up::AtomResult(result)).await;
+        }
+        if let Some(a) = self.attempts.lock().expect("poisoned").get_mut(&r.attempt) {
+            a.done = true;
+        }
+        self.send(Up::SubjobDone(done)).await;
+    }
+
+    /// Runs one atom and uploads its artifacts; returns its result, or `None` when the master
+    /// no longer wants this attempt.
+    async fn run_atom(
+        &self,
+        b: &BuildCtx,
+        ws: &Workspace,
+        job: &proto::JobConfig,
+        r: &proto::RunSubjob,
+        atom: &proto::AtomWork,
+        cancel: &CancellationToken,
+    ) -> Option<proto::AtomResult> {
+        let name = format!("artifact_{}_{}", r.subjob_id, atom.atom_id);
+        let art_dir = ws
+            .build_dir
+            .join("artifacts")
+            .join(r.attempt.to_string())
+            .join(&name);
+        let console_path = ws
+            .build_dir
+            .join("consoles")
+            .join(format!("{}_{name}", r.attempt));
+        let _ = tokio::fs::remove_dir_all(&art_dir).await;
+        if let Err(e) = tokio::fs::create_dir_all(&art_dir).await {
+            tracing::error!(error = %e, dir = %art_dir.display(), "cannot create ARTIFACT_DIR");
+        }
+        if let Some(parent) = console_path.parent() {
+            let _ = tokio::fs::create_dir_all(parent).await;
+        }
+        let epoch0 = self.epoch();
+        self.send(Up::AtomStarted(proto::AtomStarted {
+            build_id: r.build_id,
+            subjob_id: r.subjob_id,
+            atom_id: atom.atom_id,
+            attempt: r.attempt,
+        }))
+        .await;
+        let mut env = self.base_env(b, ws);
+        env.extend([
+            ("ARTIFACT_DIR".to_string(), art_dir.display().to_string()),
+            ("ATOM_ID".to_string(), atom.atom_id.to_string()),
+            ("EXECUTOR_INDEX".to_string(), r.executor_index.to_string()),
+            (
+                "MACHINE_EXECUTOR_INDEX".to_string(),
+                r.executor_index.to_string(),
+            ),
+            (
+                "BUILD_EXECUTOR_INDEX".to_string(),
+                r.build_executor_index.to_string(),
+            ),
+        ]);
+        let spec = CommandSpec {
+            script: jobconfig::atom_command(&atom.command_string, &job.commands),
+            cwd: ws.project_dir.clone(),
+            env,
+        };
+        let chunk_of = |data: Vec<u8>| {
+            Up::Console(proto::ConsoleChunk {
+                build_id: r.build_id,
+                subjob_id: r.subjob_id,
+                atom_id: atom.atom_id,
+                attempt: r.attempt,
+                data,
+            })
+        };
+        let (otx, mut orx) = mpsc::channel::<Vec<u8>>(64);
+        // Output goes to a local file (the whole console, for an upload after an interruption)
+        // and, while the atom's session lasts, to the master as it is written.
+        let forward = async {
+            let mut file = tokio::fs::File::create(&console_path).await.ok();
+            let mut interrupted = epoch0 == 0;
+            while let Some(mut data) = orx.recv().await {
+                while data.len() < runner::CHUNK {
+                    match orx.try_recv() {
+                        Ok(more) => data.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                if let Some(f) = file.as_mut()
+                    && f.write_all(&data).await.is_err()
+                {
+                    file = None;
+                }
+                interrupted = interrupted || self.epoch() != epoch0;
+                if !interrupted {
+                    self.send(chunk_of(data)).await;
+                }
+            }
+            if let Some(f) = file.as_mut() {
+                let _ = f.flush().await;
+            }
+            interrupted
+        };
+        let (outcome, interrupted) = tokio::join!(
+            runner::run(spec, Some(otx), cancel.clone(), self.grace),
+            forward
+        );
+        let outcome = outcome.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "could not start an atom");
+            runner::Outcome {
+                exit_code: -1,
+                seconds: 0.0,
+                canceled: false,
+            }
+        });
+        // A session that changed during the atom means part of its console never reached the
+        // master: send the whole file with the artifacts.
+        let interrupted = interrupted || self.epoch() != epoch0;
+        let console = interrupted.then_some(console_path.as_path());
+        let header = proto::UploadHeader {
+            slave_id: 0,
+            build_id: r.build_id,
+            subjob_id: r.subjob_id,
+            atom_id: atom.atom_id,
+            attempt: r.attempt,
+        };
+        let uploaded = self
+            .upload_with_retry(header, &art_dir, console, cancel)
+            .await;
+        let _ = tokio::fs::remove_dir_all(&art_dir).await;
+        let _ = tokio::fs::remove_file(&console_path).await;
+        let artifact_files = uploaded?;
+        Some(proto::AtomResult {
+            build_id: r.build_id,
+            subjob_id: r.subjob_id,
+            atom_id: atom.atom_id,
+            attempt: r.attempt,
+            exit_code: outcome.exit_code,
+            seconds: outcome.seconds,
+            artifact_files,
+        })
+    }
+
+    /// Uploads an atom's files, waiting for a session when there is none and retrying when one
+    /// fails. `None` when the master refused the attempt (it was dropped) or the attempt was
+    /// canceled; an upload the master cannot store is reported in the console and not retried.
+    async fn upload_with_retry(
+        &self,
+        mut header: proto::UploadHeader,
+        dir: &Path,
+        console: Option<&Path>,
+        cancel: &CancellationToken,
+    ) -> Option<u32> {
+        let mut files = {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || artifact_files(&dir))
+                .await
+                .unwrap_or_default()
+        };
+        if let Some(c) = console {
+            files.push((crate::CONSOLE_FILE.to_string(), c.to_path_buf()));
+        }
+        if files.is_empty() {
+            return Some(0);
+        }
+        let mut live_rx = self.live.subscribe();
+        loop {
+            let live = loop {
+                if let Some(l) = live_rx.borrow_and_update().clone() {
+                    break l;
+                }
+                tokio::select! {
+                    r = live_rx.changed() => if r.is_err() { return None },
+                    _ = cancel.cancelled() => return None,
+                }
+            };
+            header.slave_id = live.slave_id;
+            match upload(live.link.clone(), header, files.clone()).await {
+                Ok(n) => return Some(n),
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    tracing::info!(
+                        attempt = header.attempt,
+                        "the master no longer wants this attempt's upload"
+                    );
+                    return None;
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+                {
+                    tracing::warn!(attempt = header.attempt, error = %s.message(), "upload interrupted; retrying in the next session");
+                    // Wait for another session (or this one to be declared gone).
+                    tokio::select! {
+                        r = live_rx.changed() => if r.is_err() { return None },
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+                Err(s) => {
+                    tracing::warn!(attempt = header.attempt, error = %s.message(), "artifact upload refused");
+                    let note = format!("\n[ish] artifact upload failed: {}\n", s.message());
+                    if console.is_none() {
+                        self.send(Up::Console(proto::ConsoleChunk {
+                            build_id: header.build_id,
+                            subjob_id: header.subjob_id,
+                            atom_id: header.atom_id,
+                            attempt: header.attempt,
+                            data: note.into_bytes(),
+                        }))
+                        .await;
+                    }
+                    return Some(0);
+                }
+            }
+        }
+    }
+}
+
+fn tail_text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).trim_end().to_string()
+}
+
+/// Regular files under `dir` (symlinks are not followed and not uploaded), as paths relative to
+/// `dir`, sorted.
+fn artifact_files(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let p = e.path();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file()
+                && let Ok(rel) = p.strip_prefix(dir)
+                && let Some(rel) = rel.to_str()
+            {
+                out.push((rel.to_string(), p));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One upload of `files` (relative name, local path) for the attempt in `header`.
+async fn upload(
+    mut link: LinkClient,
+    header: proto::UploadHeader,
+    files: Vec<(String, PathBuf)>,
+) -> Result<u32, tonic::Status> {
+    use proto::artifact_chunk::Msg;
+    let n = files.len() as u32;
+    let (tx, rx) = mpsc::channel(4);
+    let producer = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let send = |m: Msg| proto::ArtifactChunk { msg: Some(m) };
+        if tx.send(send(Msg::Header(header))).await.is_err() {
+            return Ok(());
+        }
+        for (rel, path) in files {
+            let mut f = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut buf = vec![0u8; UPLOAD_CHUNK];
+            let mut sent_any = false;
+            loop {
+                let k = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                if k == 0 {
+                    if !sent_any {
+                        let last = proto::FileChunk {
+                            path: rel.clone(),
+                            data: Vec::new(),
+                            last: true,
+                        };
+                        if tx.send(send(Msg::File(last))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    break;
+                }
+                sent_any = true;
+                let chunk = proto::FileChunk {
+                    path: rel.clone(),
+                    data: buf[..k].to_vec(),
+                    last: false,
+                };
+                if tx.send(send(Msg::File(chunk))).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok::<(), String>(())
+    });
+    let res = link.upload_artifacts(ReceiverStream::new(rx)).await;
+    match producer.await {
+        Ok(Err(e)) => return Err(tonic::Status::data_loss(format!("reading artifacts: {e}"))),
+        Err(e) => return Err(tonic::Status::internal(e.to_string())),
+        Ok(Ok(())) => {}
+    }
+    res?;
+    Ok(n)
+}
