@@ -31,6 +31,13 @@ const SETUP_BUILD: &str = "setup_build";
 const TEARDOWN_BUILD: &str = "teardown_build";
 const MAX_EXECUTORS: &str = "max_executors";
 const MAX_EXECUTORS_PER_SLAVE: &str = "max_executors_per_slave";
+// Ish CD extensions: retries of failing atoms, and time limits.
+const RETRIES: &str = "retries";
+const ATOM_TIMEOUT: &str = "atom_timeout";
+const BUILD_TIMEOUT: &str = "build_timeout";
+
+/// Most retries a job may ask for: retries hide failures, a large number hides them for long.
+pub const MAX_RETRIES: u32 = 10;
 
 /// Python renders a missing job name (inline config without `job_name`) as `None`.
 const PY_NONE: &str = "None";
@@ -95,7 +102,18 @@ pub enum JobConfigError {
         /// Section name.
         section: String,
     },
-    /// `max_executors`/`max_executors_per_slave` is zero or negative.
+    /// `retries` outside 0..=MAX_RETRIES.
+    #[error(
+        "Definition for job \"{job}\" contains an invalid value for config section \"retries\". \
+         Expected an integer from 0 to {MAX_RETRIES} but found {value}."
+    )]
+    BadRetries {
+        /// Job name.
+        job: String,
+        /// The value given.
+        value: i128,
+    },
+    /// `max_executors`/`max_executors_per_slave`/a timeout is zero or negative.
     #[error(
         "Definition for job \"{job}\" contains an invalid value for config section \"{section}\". \
          Expected a positive integer but found {value}."
@@ -320,7 +338,9 @@ impl Expected {
         match section {
             COMMANDS | SETUP_BUILD | TEARDOWN_BUILD => Some(Self::ListOfStr),
             ATOMIZERS => Some(Self::ListOfDict),
-            MAX_EXECUTORS | MAX_EXECUTORS_PER_SLAVE => Some(Self::Int),
+            MAX_EXECUTORS | MAX_EXECUTORS_PER_SLAVE | RETRIES | ATOM_TIMEOUT | BUILD_TIMEOUT => {
+                Some(Self::Int)
+            }
             _ => None,
         }
     }
@@ -355,15 +375,7 @@ fn validate_job(job: &str, sections: &Node) -> Result<JobConfig, JobConfigError>
         });
     }
 
-    let mut config = JobConfig {
-        name: String::new(),
-        commands: String::new(),
-        atomizers: Vec::new(),
-        setup_build: String::new(),
-        teardown_build: String::new(),
-        max_executors: 0,
-        max_executors_per_slave: 0,
-    };
+    let mut config = JobConfig::default();
     for (key, value) in sections {
         let invalid_section = || JobConfigError::InvalidSection {
             job: job.to_owned(),
@@ -378,6 +390,15 @@ fn validate_job(job: &str, sections: &Node) -> Result<JobConfig, JobConfigError>
             found,
         };
         match (expected, value) {
+            (Expected::Int, Node::Int(n)) if section == RETRIES => {
+                if !(0..=i128::from(MAX_RETRIES)).contains(n) {
+                    return Err(JobConfigError::BadRetries {
+                        job: job.to_owned(),
+                        value: *n,
+                    });
+                }
+                config.retries = *n as u32;
+            }
             (Expected::Int, Node::Int(n)) => {
                 if *n <= 0 {
                     return Err(JobConfigError::NonPositiveMaxExecutors {
@@ -388,10 +409,11 @@ fn validate_job(job: &str, sections: &Node) -> Result<JobConfig, JobConfigError>
                 }
                 // Beyond u32 is as good as the original's sys.maxsize default: unlimited.
                 let n = u32::try_from(*n).unwrap_or(u32::MAX);
-                if section == MAX_EXECUTORS {
-                    config.max_executors = n;
-                } else {
-                    config.max_executors_per_slave = n;
+                match section {
+                    MAX_EXECUTORS => config.max_executors = n,
+                    MAX_EXECUTORS_PER_SLAVE => config.max_executors_per_slave = n,
+                    ATOM_TIMEOUT => config.atom_timeout_seconds = n,
+                    _ => config.build_timeout_seconds = n,
                 }
             }
             (Expected::Int, other) => return Err(invalid_value(other.py_type())),
@@ -1849,5 +1871,66 @@ Other:
         assert_eq!(py_float(1e20), "1e+20");
         assert_eq!(py_splitlines("a\n"), vec!["a"]);
         assert_eq!(py_strip("\u{1c} a \u{a0}"), "a");
+    }
+}
+
+#[cfg(test)]
+mod extension_tests {
+    use super::*;
+
+    #[test]
+    fn retries_and_timeouts_are_read() {
+        let c = parse_project_yaml(
+            "J:\n  commands: [x]\n  atomizers: [{A: a}]\n  retries: 2\n  atom_timeout: 30\n  build_timeout: 600\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.retries, c.atom_timeout_seconds, c.build_timeout_seconds),
+            (2, 30, 600)
+        );
+        let c = parse_project_yaml(
+            "J:\n  commands: [x]\n  atomizers: [{A: a}]\n  retries: 0\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.retries, 0);
+    }
+
+    #[test]
+    fn bad_retries_and_timeouts_are_refused() {
+        for (section, value, needle) in [
+            (
+                "retries",
+                "-1",
+                "Expected an integer from 0 to 10 but found -1.",
+            ),
+            (
+                "retries",
+                "11",
+                "Expected an integer from 0 to 10 but found 11.",
+            ),
+            (
+                "atom_timeout",
+                "0",
+                "Expected a positive integer but found 0.",
+            ),
+            (
+                "build_timeout",
+                "-5",
+                "Expected a positive integer but found -5.",
+            ),
+            (
+                "atom_timeout",
+                "'10s'",
+                "Parser expected one of [<class 'int'>] but found <class 'str'>",
+            ),
+        ] {
+            let yaml =
+                format!("J:\n  commands: [x]\n  atomizers: [{{A: a}}]\n  {section}: {value}\n");
+            let e = parse_project_yaml(&yaml, None).unwrap_err().to_string();
+            assert!(e.contains(&format!("config section \"{section}\"")), "{e}");
+            assert!(e.contains(needle), "{e} should contain {needle}");
+        }
     }
 }

@@ -838,3 +838,158 @@ async fn remote_files_are_downloaded_into_the_project_before_anything_runs() {
     c.shutdown().await.unwrap();
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_atom_over_its_timeout_is_killed_and_recorded() {
+    let (c, _d) = cluster(1, 2).await;
+    let marker = tempfile::tempdir().unwrap();
+    let m = marker.path().display().to_string();
+    let project = project_with(&format!(
+        "T:\n  atom_timeout: 1\n  commands: ['echo start $V', 'if [ $V = slow ]; then echo $$ > {m}/pid_$V; sleep 30; fi', 'echo end $V']\n  atomizers: [{{V: 'printf \"fast\\nslow\\n\"'}}]\n"
+    ));
+    let (mut b, _) = c.clients().await.unwrap();
+    let t0 = Instant::now();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "the timeout did not fire"
+    );
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.result, proto::BuildResult::Failure as i32);
+    let atoms: Vec<proto::Atom> = subjobs(&mut b, id)
+        .await
+        .into_iter()
+        .flat_map(|s| s.atoms)
+        .collect();
+    let slow = atoms
+        .iter()
+        .find(|a| a.command_string.contains("slow"))
+        .unwrap();
+    let fast = atoms
+        .iter()
+        .find(|a| a.command_string.contains("fast"))
+        .unwrap();
+    assert!(slow.timed_out && !fast.timed_out);
+    assert!(
+        slow.exit_code.unwrap() < 0,
+        "killed by a signal: {:?}",
+        slow.exit_code
+    );
+    assert_eq!(fast.exit_code, Some(0));
+    for pid in pids_in(marker.path()) {
+        assert!(
+            process_gone(pid),
+            "the timed-out atom's process {pid} survived"
+        );
+    }
+    let page = b
+        .get_console(proto::GetConsoleRequest {
+            build_id: id,
+            subjob_id: slow.subjob_id,
+            atom_id: slow.id,
+            max_lines: 50,
+            offset_line: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.content.starts_with("start slow\n"), "{}", page.content);
+    assert!(
+        page.content.contains("[ish] the atom timed out after 1 s"),
+        "{}",
+        page.content
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_over_its_timeout_errors_and_stops_its_atoms() {
+    let (c, _d) = cluster(1, 2).await;
+    let marker = tempfile::tempdir().unwrap();
+    let m = marker.path().display().to_string();
+    let project = project_with(&format!(
+        "B:\n  build_timeout: 2\n  commands: ['echo $$ > {m}/pid_$V', 'sleep 30']\n  atomizers: [{{V: 'seq 3'}}]\n"
+    ));
+    let (mut b, _) = c.clients().await.unwrap();
+    let t0 = Instant::now();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(state(&build), proto::BuildState::Error);
+    assert_eq!(
+        build.error_message,
+        "Build timed out: it ran longer than its build_timeout of 2 s."
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for pid in pids_in(marker.path()) {
+        while !process_gone(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "atom {pid} survived the build timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_rerun_failing_atoms_and_report_flaky_ones() {
+    let (c, _d) = cluster(1, 2).await;
+    let marker = tempfile::tempdir().unwrap();
+    let m = marker.path().display().to_string();
+    // Atoms 1-3 fail on their first try only; atom 4 always fails.
+    let project = project_with(&format!(
+        "F:\n  retries: 2\n  commands: ['echo try $V', 'echo $V > $ARTIFACT_DIR/v', 'if [ $V = 4 ]; then exit 4; fi', 'if [ ! -f {m}/seen_$V ]; then touch {m}/seen_$V; exit 1; fi']\n  atomizers: [{{V: 'seq 4'}}]\n"
+    ));
+    let (mut b, _) = c.clients().await.unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(
+        build.result,
+        proto::BuildResult::Failure as i32,
+        "atom 4 always fails"
+    );
+    assert_eq!((build.failed_atom_count, build.flaky_atom_count), (1, 3));
+    assert_eq!(build.flaky_atoms.len(), 3);
+    let note = |tries: u32, code: i32| {
+        format!("\n[ish] try {tries} of 3 failed with exit code {code}; running the atom again\n")
+    };
+    check_archives(&mut b, id, |t| {
+        let n: u32 = t.parse().unwrap();
+        if n == 4 {
+            AtomExpect {
+                console: format!("try 4\n{}try 4\n{}try 4\n", note(1, 4), note(2, 4)),
+                exit_code: 4,
+                files: vec![("v".into(), b"4\n".to_vec())],
+            }
+        } else {
+            AtomExpect {
+                console: format!("try {t}\n{}try {t}\n", note(1, 1)),
+                exit_code: 0,
+                files: vec![("v".into(), format!("{t}\n").into_bytes())],
+            }
+        }
+    })
+    .await;
+    let atoms: Vec<proto::Atom> = subjobs(&mut b, id)
+        .await
+        .into_iter()
+        .flat_map(|s| s.atoms)
+        .collect();
+    for a in atoms {
+        let four = a.command_string.contains("\"4\"");
+        assert_eq!(
+            (a.tries, a.flaky),
+            if four { (3, false) } else { (2, true) },
+            "{a:?}"
+        );
+    }
+    c.shutdown().await.unwrap();
+}

@@ -25,6 +25,15 @@ pub struct MasterConfig {
     /// After a restart, how long subjobs of resumed builds wait for the slaves that ran them to
     /// reconnect and report, before they are dispatched again, in milliseconds. Default 5000.
     pub resume_grace_ms: u64,
+    /// Dispatches of one subjob (each interrupted by a lost slave) before its build ends in
+    /// ERROR. Default 5.
+    pub max_subjob_attempts: u32,
+    /// Atom timeout for jobs whose config sets no `atom_timeout`, in seconds; 0 = none.
+    /// Default 0.
+    pub default_atom_timeout_s: u32,
+    /// Build timeout for jobs whose config sets no `build_timeout`, in seconds (counted from
+    /// submission); 0 = none. Default 0.
+    pub default_build_timeout_s: u32,
     /// Messages queued to one slave before it is considered stuck and dropped. Default 4096.
     pub slave_queue_capacity: usize,
     /// Largest artifact file a slave may upload for one atom, in bytes. Default 1 GiB.
@@ -42,6 +51,9 @@ impl Default for MasterConfig {
             max_setup_failures: 3,
             max_prepare_attempts: 3,
             resume_grace_ms: 5_000,
+            max_subjob_attempts: 5,
+            default_atom_timeout_s: 0,
+            default_build_timeout_s: 0,
             slave_queue_capacity: 4_096,
             max_artifact_bytes_per_atom: 1 << 30,
         }

@@ -154,6 +154,12 @@ pub struct CoreConfig {
     /// After a restart, how long subjobs of resumed builds wait for their slaves to reconnect
     /// and report them before they are dispatched again.
     pub resume_grace: Duration,
+    /// Dispatches of one subjob (after lost slaves) before its build errors.
+    pub max_subjob_attempts: u32,
+    /// Atom timeout for jobs that set none, in seconds (0 = none).
+    pub default_atom_timeout_s: u32,
+    /// Build timeout for jobs that set none, in seconds (0 = none).
+    pub default_build_timeout_s: u32,
 }
 
 impl Default for CoreConfig {
@@ -164,6 +170,9 @@ impl Default for CoreConfig {
             max_setup_failures: 3,
             max_prepare_attempts: 3,
             resume_grace: Duration::from_secs(5),
+            max_subjob_attempts: 5,
+            default_atom_timeout_s: 0,
+            default_build_timeout_s: 0,
         }
     }
 }
@@ -222,6 +231,7 @@ struct Build {
     completed_subjobs: u32,
     completed_atoms: u32,
     failed_atoms: u32,
+    flaky_atoms: u32,
     num_atoms: u32,
     artifacts_ready: bool,
     archiving: bool,
@@ -486,6 +496,7 @@ impl Build {
             completed_subjobs: 0,
             completed_atoms: 0,
             failed_atoms: 0,
+            flaky_atoms: 0,
             num_atoms: 0,
             artifacts_ready: false,
             archiving: false,
@@ -539,16 +550,20 @@ impl Build {
     }
 
     fn to_proto(&self, with_failed_atoms: bool) -> proto::Build {
-        let failed_atoms = if with_failed_atoms && self.state == BuildState::Finished {
-            self.subjobs
-                .iter()
-                .flat_map(|s| &s.atoms)
-                .filter(|a| a.exit_code.is_some_and(|c| c != 0))
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
+        let list = |pick: fn(&proto::Atom) -> bool| -> Vec<proto::Atom> {
+            if with_failed_atoms && self.state == BuildState::Finished {
+                self.subjobs
+                    .iter()
+                    .flat_map(|s| &s.atoms)
+                    .filter(|a| pick(a))
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            }
         };
+        let failed_atoms = list(|a| a.exit_code.is_some_and(|c| c != 0));
+        let flaky_atoms = list(|a| a.flaky);
         proto::Build {
             id: self.id,
             state: proto::BuildState::from(self.state) as i32,
@@ -578,6 +593,8 @@ impl Build {
                 .map(|j| j.commands.clone())
                 .unwrap_or_default(),
             project_dir: self.project_dir.clone(),
+            flaky_atom_count: self.flaky_atoms,
+            flaky_atoms,
         }
     }
 
@@ -705,6 +722,9 @@ impl Core {
                         b.completed_atoms += 1;
                         if a.exit_code != Some(0) {
                             b.failed_atoms += 1;
+                        }
+                        if a.flaky {
+                            b.flaky_atoms += 1;
                         }
                     } else {
                         a.state = proto::AtomState::NotStarted as i32;
@@ -1636,7 +1656,10 @@ impl Core {
             self.end_build(id, BuildEvent::Fail, r.error);
             return;
         }
-        let job = r.job.unwrap_or_default();
+        let mut job = r.job.unwrap_or_default();
+        if job.atom_timeout_seconds == 0 {
+            job.atom_timeout_seconds = self.cfg.default_atom_timeout_s;
+        }
         let timings = match self.store.timings(&b.project_key, &job.name) {
             Ok(t) => t,
             Err(e) => {
@@ -1661,8 +1684,7 @@ impl Core {
                         actual_time: None,
                         exit_code: None,
                         state: proto::AtomState::NotStarted as i32,
-                        slave: String::new(),
-                        attempt: 0,
+                        ..Default::default()
                     })
                     .collect(),
                 running: None,
@@ -1816,6 +1838,9 @@ impl Core {
         a.exit_code = Some(r.exit_code);
         a.actual_time = Some(r.seconds);
         a.attempt = r.attempt;
+        a.tries = r.tries.max(1);
+        a.flaky = r.exit_code == 0 && r.tries > 1;
+        a.timed_out = r.timed_out;
         a.state = proto::AtomState::Completed as i32;
         a.slave = name;
         let atom = a.clone();
@@ -1823,6 +1848,9 @@ impl Core {
         b.completed_atoms += 1;
         if r.exit_code != 0 {
             b.failed_atoms += 1;
+        }
+        if atom.flaky {
+            b.flaky_atoms += 1;
         }
         if let Err(e) = self.store.put_atom(r.build_id, &atom) {
             tracing::error!(build = r.build_id, error = %e, "could not store atom result");
@@ -1892,6 +1920,15 @@ impl Core {
         if s.atoms.iter().all(|a| a.exit_code.is_some()) {
             s.completed = true;
             b.completed_subjobs += 1;
+        } else if s.attempts >= self.cfg.max_subjob_attempts {
+            // Something about this subjob keeps killing slaves (or the fleet is failing): stop
+            // throwing executors at it.
+            let msg = format!(
+                "Subjob {subjob} was interrupted {} times (slaves lost while running it); giving up.",
+                s.attempts
+            );
+            self.end_build(id, BuildEvent::Fail, msg);
+            return;
         } else {
             for a in s.atoms.iter_mut().filter(|a| a.exit_code.is_none()) {
                 a.state = proto::AtomState::NotStarted as i32;
@@ -2091,6 +2128,28 @@ impl Core {
     fn sweep(&mut self, now: Instant) {
         if self.resume_until.is_some_and(|t| now >= t) {
             self.resume_until = None;
+        }
+        // Builds past their build_timeout (counted from submission, master downtime included).
+        let epoch_now = now_epoch();
+        let expired: Vec<(u64, u32)> = self
+            .active
+            .iter()
+            .filter_map(|id| self.builds.get(id))
+            .filter_map(|b| {
+                let limit = b
+                    .job
+                    .as_ref()
+                    .map(|j| j.build_timeout_seconds)
+                    .filter(|&t| t > 0)
+                    .unwrap_or(self.cfg.default_build_timeout_s);
+                let queued = b.timestamps.first().map(|t| t.1)?;
+                (limit > 0 && epoch_now - queued > f64::from(limit)).then_some((b.id, limit))
+            })
+            .collect();
+        for (id, limit) in expired {
+            let msg =
+                format!("Build timed out: it ran longer than its build_timeout of {limit} s.");
+            self.end_build(id, BuildEvent::Fail, msg);
         }
         let timeout = self.cfg.heartbeat_timeout;
         let silent: Vec<u64> = self

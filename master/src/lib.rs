@@ -48,6 +48,9 @@ pub async fn serve(
         max_setup_failures: cfg.max_setup_failures,
         max_prepare_attempts: cfg.max_prepare_attempts,
         resume_grace: Duration::from_millis(cfg.resume_grace_ms),
+        max_subjob_attempts: cfg.max_subjob_attempts,
+        default_atom_timeout_s: cfg.default_atom_timeout_s,
+        default_build_timeout_s: cfg.default_build_timeout_s,
     };
     let (handle, _actor) = actor::start(core_cfg, store.clone(), layout)?;
     let check = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {

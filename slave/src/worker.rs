@@ -661,18 +661,65 @@ impl Worker {
             }
             interrupted
         };
-        let (outcome, interrupted) = tokio::join!(
-            runner::run(spec, Some(otx), cancel.clone(), self.grace),
-            forward
-        );
-        let outcome = outcome.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "could not start an atom");
-            runner::Outcome {
-                exit_code: -1,
-                seconds: 0.0,
-                canceled: false,
+        let timeout = (job.atom_timeout_seconds > 0)
+            .then(|| Duration::from_secs(job.atom_timeout_seconds.into()));
+        let max_tries = 1 + job.retries;
+        // Tries run one after the other; their output (and our notes between them) go to the one
+        // console of the atom. `otx` moves in, so the console ends when the last try does.
+        let runs = async {
+            let otx = otx;
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let run_cancel = cancel.child_token();
+                let run = runner::run(
+                    spec.clone(),
+                    Some(otx.clone()),
+                    run_cancel.clone(),
+                    self.grace,
+                );
+                tokio::pin!(run);
+                let mut timed_out = false;
+                let result = match timeout {
+                    Some(t) => tokio::select! {
+                        r = &mut run => r,
+                        _ = tokio::time::sleep(t) => {
+                            timed_out = true;
+                            run_cancel.cancel();
+                            run.await
+                        }
+                    },
+                    None => run.await,
+                };
+                let outcome = result.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "could not start an atom");
+                    runner::Outcome {
+                        exit_code: -1,
+                        seconds: 0.0,
+                        canceled: false,
+                    }
+                });
+                if let (true, Some(t)) = (timed_out, timeout) {
+                    let note = format!(
+                        "\n[ish] the atom timed out after {} s; its processes were killed\n",
+                        t.as_secs()
+                    );
+                    let _ = otx.send(note.into_bytes()).await;
+                }
+                if outcome.exit_code == 0 || tries >= max_tries || cancel.is_cancelled() {
+                    break (outcome, tries, timed_out);
+                }
+                let note = format!(
+                    "\n[ish] try {tries} of {max_tries} failed with exit code {}; running the atom again\n",
+                    outcome.exit_code
+                );
+                let _ = otx.send(note.into_bytes()).await;
+                // Each try starts with an empty ARTIFACT_DIR: only the last try's files count.
+                let _ = tokio::fs::remove_dir_all(&art_dir).await;
+                let _ = tokio::fs::create_dir_all(&art_dir).await;
             }
-        });
+        };
+        let ((outcome, tries, timed_out), interrupted) = tokio::join!(runs, forward);
         // A session that changed during the atom means part of its console never reached the
         // master: send the whole file with the artifacts.
         let interrupted = interrupted || self.epoch() != epoch0;
@@ -698,6 +745,8 @@ impl Worker {
             exit_code: outcome.exit_code,
             seconds: outcome.seconds,
             artifact_files,
+            tries,
+            timed_out,
         })
     }
 

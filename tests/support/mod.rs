@@ -239,6 +239,22 @@ pub struct AtomExpect {
     pub files: Vec<(String, Vec<u8>)>,
 }
 
+impl AtomExpect {
+    /// Sets the content of file `t` to `<token>-<slave that recorded the atom>\n`.
+    pub fn with_file_from_slave(mut self, token_: &str, subjobs: &[proto::Subjob]) -> Self {
+        let atom = subjobs
+            .iter()
+            .flat_map(|s| &s.atoms)
+            .find(|a| token(&a.command_string) == token_)
+            .expect("atom of the token");
+        self.files = vec![(
+            "t".into(),
+            format!("{token_}-{}\n", atom.slave).into_bytes(),
+        )];
+        self
+    }
+}
+
 /// Checks both archives of a finished build byte for byte against ClusterRunner's layout: for
 /// every atom its four clusterrunner_* files and its own artifacts, failures.txt exactly when
 /// an atom failed, and nothing else.

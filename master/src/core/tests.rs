@@ -60,6 +60,7 @@ fn job(max_executors: u32, per_slave: u32) -> proto::JobConfig {
         teardown_build: String::new(),
         max_executors,
         max_executors_per_slave: per_slave,
+        ..Default::default()
     }
 }
 
@@ -180,6 +181,7 @@ impl Harness {
                     exit_code,
                     seconds,
                     artifact_files: 0,
+                    ..Default::default()
                 }),
             );
         }
@@ -380,6 +382,7 @@ async fn a_lost_slave_requeues_only_unreported_atoms_and_late_results_are_ignore
             exit_code: 0,
             seconds: 0.1,
             artifact_files: 0,
+            ..Default::default()
         }),
     );
     let mut b = h.slave("b", 1);
@@ -404,6 +407,7 @@ async fn a_lost_slave_requeues_only_unreported_atoms_and_late_results_are_ignore
             exit_code: 7,
             seconds: 1.0,
             artifact_files: 0,
+            ..Default::default()
         }),
     ));
     h.complete(&b, &rb[0], 0, 0.2);
@@ -449,6 +453,7 @@ async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
             exit_code: 0,
             seconds: 1.0,
             artifact_files: 0,
+            ..Default::default()
         }),
     );
     let mut b = h.slave("b", 1);
@@ -613,6 +618,7 @@ async fn setup_failure_on_one_slave_moves_work_to_another() {
                     exit_code: 0,
                     seconds: 0.1,
                     artifact_files: 0,
+                    ..Default::default()
                 }),
             ));
             h.core.handle(Command::FromSlave(
@@ -719,6 +725,7 @@ async fn the_second_build_is_grouped_by_recorded_times() {
                             exit_code: 0,
                             seconds: times[token],
                             artifact_files: 0,
+                            ..Default::default()
                         }),
                     );
                 }
@@ -868,6 +875,7 @@ async fn a_restarted_master_adopts_work_a_slave_kept_running() {
         exit_code: 0,
         seconds: 0.5,
         artifact_files: 0,
+        ..Default::default()
     };
     let reg = proto::Register {
         name: "s".into(),
@@ -1040,5 +1048,34 @@ async fn subjob_acks_wait_for_the_flush() {
             .iter()
             .any(|m| matches!(m, D::SubjobAck(a) if a.attempt == r.attempt)),
         "ack after the flush"
+    );
+}
+
+/// A subjob whose slaves keep dying is retried on other slaves up to the budget, then the build
+/// errors instead of burning the fleet forever.
+#[tokio::test]
+async fn lost_subjobs_are_retried_up_to_the_budget() {
+    let mut h = Harness::new();
+    let id = {
+        let mut s = h.slave("s0", 1);
+        let id = h.submit(dir_request(CONFIG)).await;
+        assert!(matches!(s.next(), Some(D::Prepare(_))));
+        h.prepared(&s, id, job(0, 0), atoms(1));
+        h.core.handle(Command::SlaveDisconnected(s.id));
+        id
+    };
+    for i in 1..=5 {
+        let mut s = h.slave(&format!("s{i}"), 1);
+        assert!(matches!(s.next(), Some(D::Setup(_))), "try {i}");
+        h.setup_ok(&s, id);
+        assert_eq!(run_subjobs(&s.all()).len(), 1, "try {i}");
+        h.core.handle(Command::SlaveDisconnected(s.id));
+    }
+    let b = h.build(id);
+    assert_eq!(state(&b), proto::BuildState::Error);
+    assert!(
+        b.error_message.contains("interrupted 5 times"),
+        "{}",
+        b.error_message
     );
 }
