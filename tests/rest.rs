@@ -1466,3 +1466,42 @@ async fn the_curl_script_submits_polls_and_downloads() {
     assert_eq!(gw.count_builds().await, before);
     gw.c.shutdown().await.unwrap();
 }
+
+/// `ish build --gateway`: the Ish CD client's REST mode works against this gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ish_build_client_works_through_the_gateway() {
+    let gw = start(1, 2).await;
+    let project = tempfile::tempdir().unwrap();
+    let results = tempfile::tempdir().unwrap();
+    let config = json!({"commands": ["echo \"ish $X\" > \"$ARTIFACT_DIR/r.txt\""],
+                        "atomizers": [{"X": "printf 'p\\nq\\n'"}]});
+    let opts = ish_cli::client::BuildOptions {
+        cfg: ish_cli::client::ClientConfig {
+            gateway: Some(gw.base.clone()),
+            secret: Some(gw.c.secret.clone()),
+            results_dir: results.path().join("out"),
+            ..Default::default()
+        },
+        request: proto::BuildRequest {
+            config_json: config.to_string(),
+            ..dir_request(project.path())
+        },
+        no_download: false,
+    };
+    let code = tokio::time::timeout(Duration::from_secs(90), ish_cli::client::run_build(opts))
+        .await
+        .expect("ish build did not finish")
+        .unwrap();
+    assert_eq!(code, ish_cli::client::exit::OK);
+    let mut got: Vec<String> = ["artifact_0_0", "artifact_1_0", "artifact_0_1"]
+        .iter()
+        .filter_map(|d| {
+            std::fs::read_to_string(results.path().join("out").join(d).join("r.txt")).ok()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, ["ish p\n", "ish q\n"]);
+    let builds = gw.get("/v1/build").await.json();
+    assert_eq!(builds["builds"][0]["request_params"]["type"], "directory");
+    gw.c.shutdown().await.unwrap();
+}
