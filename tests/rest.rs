@@ -1347,6 +1347,25 @@ async fn remote_files_are_downloaded_into_the_project() {
         assert_eq!(r.json()["status"], "FAILURE");
     }
     assert_eq!(gw.count_builds().await, before);
+    // atoms_override works for directory builds too: the atoms are used as given.
+    let mut body = dir_build(
+        project.path(),
+        json!({"commands": ["echo \"o $X\""], "atomizers": [{"X": "exit 1"}]}),
+    );
+    body["atoms_override"] = json!(["export X=\"1\";", "export X=\"2\";"]);
+    let id = gw.submit(&body).await;
+    let b = gw.wait_final(id).await;
+    assert_eq!(
+        (&b["result"], &b["num_atoms"]),
+        (&json!("NO_FAILURES"), &json!(2)),
+        "{b:#}"
+    );
+    let (s, a) = find_atom(&gw, id, "X", "2").await;
+    let c = gw
+        .get(&format!("/v1/build/{id}/subjob/{s}/atom/{a}/console"))
+        .await
+        .json();
+    assert_eq!(c["content"], "o 2\n");
     gw.c.shutdown().await.unwrap();
     server.abort();
 }
