@@ -252,15 +252,19 @@ async fn write(ctx: &Ctx<'_>, raw: &Bytes) -> Result<Response, ApiError> {
 }
 
 /// Decodes a write's body and checks its digest (in that order, as ClusterRunner does).
-fn authenticated_body(ctx: &Ctx<'_>, raw: &Bytes) -> Result<serde_json::Value, ApiError> {
+fn authenticated_body(ctx: &Ctx<'_>, raw: &Bytes) -> Result<body::Decoded, ApiError> {
     let d = body::decode(ctx.headers, &ctx.query, raw)?;
     auth::check_digest(ctx.headers, ctx.state.rest_secret(), &d.encoded)?;
-    Ok(d.value)
+    Ok(d)
 }
 
 async fn create_build(ctx: &Ctx<'_>, raw: &Bytes) -> Result<Response, ApiError> {
-    let value = authenticated_body(ctx, raw)?;
-    let req = request::build_request(&value)?;
+    let body = authenticated_body(ctx, raw)?;
+    let mut req = request::build_request(&body.value)?;
+    // Echoed as `request_params`: the client's own text keeps its key order.
+    if let Ok(text) = std::str::from_utf8(&body.encoded) {
+        req.request_params_json = text.trim().to_string();
+    }
     let id = ctx
         .state
         .builds()
@@ -276,7 +280,7 @@ async fn create_build(ctx: &Ctx<'_>, raw: &Bytes) -> Result<Response, ApiError> 
 }
 
 async fn cancel_build(ctx: &Ctx<'_>, raw: &Bytes) -> Result<Response, ApiError> {
-    let value = authenticated_body(ctx, raw)?;
+    let value = authenticated_body(ctx, raw)?.value;
     let build_id = ctx.matched.id(0);
     // An unknown build is a 404 whatever the body says (ClusterRunner looked it up first).
     ctx.state
@@ -296,7 +300,7 @@ async fn shutdown(
     raw: &Bytes,
     targets: impl FnOnce(&serde_json::Value) -> Result<Option<Vec<u64>>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let value = authenticated_body(ctx, raw)?;
+    let value = authenticated_body(ctx, raw)?.value;
     let req = match targets(&value)? {
         None => proto::DrainSlavesRequest {
             slave_ids: Vec::new(),
