@@ -730,7 +730,7 @@ async fn sigterm_drains_a_slave_without_losing_or_repeating_work() {
 /// after SIGCONT its late results are ignored: every atom's result comes from one attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_slave_loses_its_work_and_its_late_results_are_ignored() {
-    let mut c = Cluster::start_with(
+    let c = Cluster::start_with(
         2,
         2,
         "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 1500\n",
