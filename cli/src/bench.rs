@@ -153,17 +153,26 @@ pub async fn gateway(opts: &GatewayBench) -> anyhow::Result<Vec<Sample>> {
     let first: serde_json::Value = resp.json().await?;
     let id = first["build_id"].as_u64().context("build_id")?;
     let duration = Duration::from_secs_f64(opts.seconds);
-    let (builds, _) = cluster.clients().await?;
+    // One connection per client on both sides (reqwest pools one per concurrent request), so
+    // the comparison is not about HTTP/2 multiplexing on a single connection.
+    let mut conns = Vec::with_capacity(opts.clients);
+    for _ in 0..opts.clients {
+        conns.push(cluster.clients().await?.0);
+    }
+    let conns = Arc::new(conns);
+    let conn = |n: usize, conns: &Arc<Vec<crate::local::BuildsClient>>| {
+        conns[(n / 1_000_000) % conns.len()].clone()
+    };
     let mut samples = Vec::new();
 
-    let b = builds.clone();
+    let b = conns.clone();
     samples.push(
         measure(
             "gRPC Builds.Get (direct to master)",
             opts.clients,
             duration,
-            move |_| {
-                let mut b = b.clone();
+            move |n| {
+                let mut b = conn(n, &b);
                 async move { b.get(proto::GetBuildRequest { build_id: id }).await.is_ok() }
             },
         )
@@ -187,7 +196,7 @@ pub async fn gateway(opts: &GatewayBench) -> anyhow::Result<Vec<Sample>> {
         )
         .await,
     );
-    let b = builds.clone();
+    let b = conns.clone();
     let req = proto::BuildRequest {
         source: Some(proto::ProjectSource {
             kind: Some(proto::project_source::Kind::Directory(
@@ -204,8 +213,8 @@ pub async fn gateway(opts: &GatewayBench) -> anyhow::Result<Vec<Sample>> {
             "gRPC Builds.Submit (direct to master)",
             opts.clients,
             duration,
-            move |_| {
-                let (mut b, req) = (b.clone(), req.clone());
+            move |n| {
+                let (mut b, req) = (conn(n, &b), req.clone());
                 async move {
                     b.submit(proto::SubmitBuildRequest { request: Some(req) })
                         .await

@@ -2168,6 +2168,15 @@ impl Core {
     /// Starts every piece of work that can start now: preparations of queued builds, setups on
     /// slaves a build needs, and subjobs on free executors. Builds are served oldest first.
     fn schedule(&mut self) {
+        // Most commands change nothing a free executor could use: check that first, so a long
+        // queue costs nothing when the cluster is busy (or has no slaves).
+        if !self
+            .slaves
+            .values()
+            .any(|s| !s.draining && !s.free_slots.is_empty())
+        {
+            return;
+        }
         let ids: Vec<u64> = self.active.iter().copied().collect();
         for id in ids {
             if !self
