@@ -993,3 +993,172 @@ async fn retries_rerun_failing_atoms_and_report_flaky_ones() {
     }
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_console_over_its_cap_keeps_the_tail_and_says_so() {
+    let (c, _d) = cluster_with(1, 1, |o| o.slave.max_console_bytes_per_atom = 10_000).await;
+    // 2000 numbered lines of 12 bytes: 24000 bytes, more than twice the cap.
+    let project = project_with(
+        "C:\n  commands: ['for i in $(seq 1000 2999); do echo \"line $i..\"; done']\n  atomizers: [{V: 'echo 1'}]\n",
+    );
+    let (mut b, _) = c.clients().await.unwrap();
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        build.result,
+        proto::BuildResult::NoFailures as i32,
+        "{build:#?}"
+    );
+    let zip = zip_files(&download(&mut b, id, proto::ArchiveFormat::Zip).await);
+    let console =
+        String::from_utf8(zip["artifact_0_0/clusterrunner_console_output"].clone()).unwrap();
+    let (note, kept) = console.split_once('\n').unwrap();
+    let kept_len = kept.len();
+    assert!(
+        (5_000..=10_000).contains(&kept_len),
+        "kept {kept_len} bytes"
+    );
+    assert_eq!(
+        note,
+        format!(
+            "[ish] console output cut: the first {} of 24000 bytes were dropped (max_console_bytes_per_atom)",
+            24000 - kept_len
+        )
+    );
+    assert!(kept.ends_with("line 2999..\n"), "the tail is kept");
+    let all: String = (1000..3000).map(|i| format!("line {i}..\n")).collect();
+    assert!(
+        all.ends_with(kept),
+        "the tail is the exact end of the output"
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_build_limits_on_atoms_and_artifact_bytes() {
+    let (c, _d) = cluster_with(1, 1, |o| {
+        o.master.max_atoms_per_build = 5;
+        o.master.max_artifact_bytes_per_build = 100_000;
+    })
+    .await;
+    let (mut b, _) = c.clients().await.unwrap();
+    // Too many atoms from the atomizer: ERROR with the reason.
+    let project = project_with("A:\n  commands: ['true']\n  atomizers: [{V: 'seq 6'}]\n");
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Error);
+    assert_eq!(
+        build.error_message,
+        "The atomizers produced 6 atoms; the limit is 5 (max_atoms_per_build)."
+    );
+    // Too many in atoms_override: refused at submission.
+    let mut req = dir_request(project.path());
+    req.atoms_override = (0..6).map(|i| format!("export V=\"{i}\";")).collect();
+    let err = b
+        .submit(proto::SubmitBuildRequest { request: Some(req) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // 40 kB of artifacts per atom, 100 kB per build: the third atom's upload is refused and the
+    // atom is recorded as failed, with the reason in its console.
+    write_job(
+        project.path(),
+        "B:\n  commands: ['head -c 40000 /dev/zero > $ARTIFACT_DIR/blob']\n  atomizers: [{V: 'seq 3'}]\n",
+    );
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.failed_atom_count, 1);
+    let failed = &build.failed_atoms[0];
+    let page = b
+        .get_console(proto::GetConsoleRequest {
+            build_id: id,
+            subjob_id: failed.subjob_id,
+            atom_id: failed.id,
+            max_lines: 10,
+            offset_line: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        page.content.contains("max_artifact_bytes_per_build"),
+        "{}",
+        page.content
+    );
+    c.shutdown().await.unwrap();
+}
+
+/// A master whose disk fills up fails the affected build with a clear error, stays up, and
+/// still serves what it stored before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_on_the_master_fails_the_build_and_keeps_what_was_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let master_dir = dir.path().join("master");
+    std::fs::create_dir_all(&master_dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&master_dir)
+        .status()
+        .expect("mount runs");
+    assert!(
+        mounted.success(),
+        "this test needs root to mount a small tmpfs as the master's disk"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(master_dir.clone());
+    let mut opts = LocalOptions::new(dir.path().to_path_buf(), 1, 2);
+    opts.master.heartbeat_interval_ms = 200;
+    let c = LocalCluster::start(opts).await.unwrap();
+    let (mut b, mut cl) = c.clients().await.unwrap();
+    let project = project_with(
+        "S:\n  commands: ['echo small $V > $ARTIFACT_DIR/s']\n  atomizers: [{V: 'seq 3'}]\n",
+    );
+    let ok = submit(&mut b, dir_request(project.path())).await;
+    assert_eq!(
+        wait_final(&mut b, ok).await.result,
+        proto::BuildResult::NoFailures as i32
+    );
+    let zip_before = download(&mut b, ok, proto::ArchiveFormat::Zip).await;
+    // 8 atoms × 4 MB of artifacts do not fit in what is left of 24 MB.
+    write_job(
+        project.path(),
+        "F:\n  commands: ['head -c 4000000 /dev/urandom > $ARTIFACT_DIR/big']\n  atomizers: [{V: 'seq 8'}]\n",
+    );
+    let full = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, full).await;
+    assert_eq!(state(&build), proto::BuildState::Error, "{build:#?}");
+    assert!(
+        build.error_message.contains("disk is full")
+            || build.error_message.contains("No space left on device"),
+        "{}",
+        build.error_message
+    );
+    // The master is up, its slave still connected, the earlier build intact.
+    assert_eq!(
+        cl.list_slaves(proto::ListSlavesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .slaves
+            .len(),
+        1
+    );
+    assert_eq!(
+        get(&mut b, ok).await.result,
+        proto::BuildResult::NoFailures as i32
+    );
+    assert_eq!(
+        download(&mut b, ok, proto::ArchiveFormat::Zip).await,
+        zip_before
+    );
+    c.shutdown().await.unwrap();
+}

@@ -75,7 +75,7 @@ pub fn start(
     let (tx, mut rx) = mpsc::channel(QUEUE);
     let (changes, _) = broadcast::channel(1024);
     let (results_tx, results_rx) = mpsc::unbounded_channel();
-    let results = tokio::spawn(results::run(layout.clone(), results_rx));
+    let results = tokio::spawn(results::run(layout.clone(), results_rx, tx.downgrade()));
     let tick_every =
         (cfg.heartbeat_interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut core = Core::new(

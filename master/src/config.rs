@@ -28,6 +28,15 @@ pub struct MasterConfig {
     /// Dispatches of one subjob (each interrupted by a lost slave) before its build ends in
     /// ERROR. Default 5.
     pub max_subjob_attempts: u32,
+    /// Most atoms one build may have (atomizer output or atoms_override). Default 100000.
+    pub max_atoms_per_build: usize,
+    /// Most artifact bytes (files atoms write to $ARTIFACT_DIR, and consoles) one build may
+    /// upload in all; beyond it uploads are refused and the atom is recorded as failed.
+    /// Default 10 GiB.
+    pub max_artifact_bytes_per_build: u64,
+    /// HTTP/2 streams one connection may have open at once (every client, slave and gateway
+    /// call is a stream). Default 256.
+    pub max_concurrent_streams: u32,
     /// Atom timeout for jobs whose config sets no `atom_timeout`, in seconds; 0 = none.
     /// Default 0.
     pub default_atom_timeout_s: u32,
@@ -52,6 +61,9 @@ impl Default for MasterConfig {
             max_prepare_attempts: 3,
             resume_grace_ms: 5_000,
             max_subjob_attempts: 5,
+            max_atoms_per_build: 100_000,
+            max_artifact_bytes_per_build: 10 << 30,
+            max_concurrent_streams: 256,
             default_atom_timeout_s: 0,
             default_build_timeout_s: 0,
             slave_queue_capacity: 4_096,

@@ -42,6 +42,15 @@ pub struct ConsoleLocation {
     pub complete: bool,
 }
 
+/// Where an attempt's files go, and how much more the build may upload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadGrant {
+    /// The attempt's atom directory.
+    pub dir: PathBuf,
+    /// Bytes the build may still upload (max_artifact_bytes_per_build minus what it used).
+    pub budget: u64,
+}
+
 /// Everything the core can be asked to do.
 #[derive(Debug)]
 pub enum Command {
@@ -103,7 +112,8 @@ pub enum Command {
     FromSlave(u64, Up),
     /// A slave's stream ended.
     SlaveDisconnected(u64),
-    /// May this slave upload artifacts for this attempt? Answers the attempt's atom directory.
+    /// May this slave upload artifacts for this attempt? Answers the attempt's atom directory
+    /// and how many bytes the build may still upload.
     UploadTarget {
         /// Uploading slave.
         slave: u64,
@@ -116,8 +126,12 @@ pub enum Command {
         /// Attempt.
         attempt: u64,
         /// Answer.
-        reply: Reply<PathBuf>,
+        reply: Reply<UploadGrant>,
     },
+    /// Storing an atom's results failed (e.g. the disk is full): the build ends in ERROR.
+    ResultsFailed(u64, String),
+    /// An upload stored this many bytes for a build (counts against its artifact budget).
+    ArtifactBytes(u64, u64),
     /// The results queue finished a build's archives.
     ArchivesWritten(u64, std::result::Result<(), String>),
     /// Events after an id or a time, oldest first.
@@ -156,6 +170,10 @@ pub struct CoreConfig {
     pub resume_grace: Duration,
     /// Dispatches of one subjob (after lost slaves) before its build errors.
     pub max_subjob_attempts: u32,
+    /// Most atoms one build may have (atomizer output or atoms_override).
+    pub max_atoms_per_build: usize,
+    /// Most artifact bytes one build may upload in all.
+    pub max_artifact_bytes_per_build: u64,
     /// Atom timeout for jobs that set none, in seconds (0 = none).
     pub default_atom_timeout_s: u32,
     /// Build timeout for jobs that set none, in seconds (0 = none).
@@ -171,6 +189,8 @@ impl Default for CoreConfig {
             max_prepare_attempts: 3,
             resume_grace: Duration::from_secs(5),
             max_subjob_attempts: 5,
+            max_atoms_per_build: 100_000,
+            max_artifact_bytes_per_build: 10 << 30,
             default_atom_timeout_s: 0,
             default_build_timeout_s: 0,
         }
@@ -243,6 +263,8 @@ struct Build {
     executors_in_use: u32,
     /// Resumed after a master restart: its subjobs wait for `Core::resume_until`.
     recovered: bool,
+    /// Artifact bytes uploaded so far (since this master started).
+    artifact_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -319,6 +341,13 @@ pub enum Durable {
     Ack(u64, u64),
 }
 
+/// Most variables a build's `env` may set.
+const MAX_ENV_VARS: usize = 256;
+/// Longest value of one `env` variable, in bytes.
+const MAX_ENV_VALUE: usize = 32 << 10;
+/// Largest `env` in all (names and values), in bytes.
+const MAX_ENV_BYTES: usize = 256 << 10;
+
 /// Most `remote_files` one build may ask for.
 const MAX_REMOTE_FILES: usize = 100;
 
@@ -334,7 +363,7 @@ fn unknown_build(id: u64) -> MasterError {
 }
 
 /// Checks a build request before anything is stored. Messages name the offending field.
-pub fn validate_request(req: &proto::BuildRequest) -> Result<()> {
+pub fn validate_request(req: &proto::BuildRequest, max_atoms: usize) -> Result<()> {
     use proto::project_source::Kind;
     match req.source.as_ref().and_then(|s| s.kind.as_ref()) {
         None => {
@@ -405,6 +434,29 @@ pub fn validate_request(req: &proto::BuildRequest) -> Result<()> {
     if req.remote_files.len() > MAX_REMOTE_FILES {
         return Err(invalid(format!(
             "at most {MAX_REMOTE_FILES} remote_files per build."
+        )));
+    }
+    if req.atoms_override.len() > max_atoms {
+        return Err(invalid(format!(
+            "atoms_override has {} atoms; the limit is {max_atoms} (max_atoms_per_build).",
+            req.atoms_override.len()
+        )));
+    }
+    let env_bytes: usize = req.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if req.env.len() > MAX_ENV_VARS {
+        return Err(invalid(format!(
+            "env has {} names; the limit is {MAX_ENV_VARS}.",
+            req.env.len()
+        )));
+    }
+    if let Some((k, _)) = req.env.iter().find(|(_, v)| v.len() > MAX_ENV_VALUE) {
+        return Err(invalid(format!(
+            "env value of \"{k}\" is longer than {MAX_ENV_VALUE} bytes."
+        )));
+    }
+    if env_bytes > MAX_ENV_BYTES {
+        return Err(invalid(format!(
+            "env is {env_bytes} bytes in all; the limit is {MAX_ENV_BYTES}."
         )));
     }
     for k in req.env.keys() {
@@ -507,6 +559,7 @@ impl Build {
             next_executor_index: 0,
             executors_in_use: 0,
             recovered: false,
+            artifact_bytes: 0,
         }
     }
 
@@ -1059,7 +1112,15 @@ impl Core {
                         .and_then(|b| b.subjobs.get(subjob as usize))
                         .is_some_and(|s| (atom as usize) < s.atoms.len());
                 let r = if ok {
-                    Ok(self.layout.attempt_atom_dir(build, attempt, subjob, atom))
+                    let used = self
+                        .builds
+                        .get(&build)
+                        .map(|b| b.artifact_bytes)
+                        .unwrap_or(0);
+                    Ok(UploadGrant {
+                        dir: self.layout.attempt_atom_dir(build, attempt, subjob, atom),
+                        budget: self.cfg.max_artifact_bytes_per_build.saturating_sub(used),
+                    })
                 } else {
                     Err(MasterError::FailedPrecondition(format!(
                         "attempt {attempt} of build {build} subjob {subjob} is not assigned to this slave"
@@ -1068,6 +1129,17 @@ impl Core {
                 let _ = reply.send(r);
             }
             Command::ArchivesWritten(id, outcome) => self.archives_written(id, outcome),
+            Command::ResultsFailed(id, msg) => {
+                self.metrics.internal_error("ResultsWriteFailure");
+                if self.builds.get(&id).is_some_and(|b| !b.state.is_final()) {
+                    self.end_build(id, BuildEvent::Fail, msg);
+                }
+            }
+            Command::ArtifactBytes(id, bytes) => {
+                if let Some(b) = self.builds.get_mut(&id) {
+                    b.artifact_bytes += bytes;
+                }
+            }
             Command::ListEvents {
                 since_id,
                 since_timestamp,
@@ -1191,7 +1263,7 @@ impl Core {
     // ----- client commands -------------------------------------------------------------------
 
     fn submit(&mut self, mut req: proto::BuildRequest) -> Result<u64> {
-        validate_request(&req)?;
+        validate_request(&req, self.cfg.max_atoms_per_build)?;
         if req.request_params_json.is_empty() {
             req.request_params_json = request_params_json(&req);
         }
@@ -1656,6 +1728,15 @@ impl Core {
             self.end_build(id, BuildEvent::Fail, r.error);
             return;
         }
+        if r.atoms.len() > self.cfg.max_atoms_per_build {
+            let msg = format!(
+                "The atomizers produced {} atoms; the limit is {} (max_atoms_per_build).",
+                r.atoms.len(),
+                self.cfg.max_atoms_per_build
+            );
+            self.end_build(id, BuildEvent::Fail, msg);
+            return;
+        }
         let mut job = r.job.unwrap_or_default();
         if job.atom_timeout_seconds == 0 {
             job.atom_timeout_seconds = self.cfg.default_atom_timeout_s;
@@ -1854,6 +1935,10 @@ impl Core {
         }
         if let Err(e) = self.store.put_atom(r.build_id, &atom) {
             tracing::error!(build = r.build_id, error = %e, "could not store atom result");
+            self.metrics.internal_error("StorageWriteFailure");
+            let msg = format!("Could not store an atom's result: {e}");
+            self.end_build(r.build_id, BuildEvent::Fail, msg);
+            return;
         }
         let _ = self.results.send(ResultsJob::Promote {
             build: r.build_id,

@@ -1,7 +1,7 @@
 //! The master's gRPC services. Thin: each call becomes a [`Command`] to the core; the only work
 //! done here is moving bytes (console chunks and artifact uploads to disk, downloads from disk).
 use crate::actor::MasterHandle;
-use crate::core::{Command, ConsoleLocation};
+use crate::core::{Command, ConsoleLocation, UploadGrant};
 use crate::error::MasterError;
 use crate::results::ArchiveKind;
 use ish_core::proto::{self, slave_message::Msg as Up};
@@ -39,10 +39,11 @@ impl SlaveLinkService {
     }
 }
 
-/// Open console files of one slave's running atoms, keyed by attempt and atom.
-#[derive(Default)]
+/// Open console files of one slave's running atoms, keyed by attempt and atom, with the bytes
+/// written so far (a slave may not stream more than `cap` bytes for one atom).
 struct ConsoleFiles {
-    open: HashMap<(u64, u32), tokio::fs::File>,
+    open: HashMap<(u64, u32), (tokio::fs::File, u64)>,
+    cap: u64,
 }
 
 impl ConsoleFiles {
@@ -53,7 +54,7 @@ impl ConsoleFiles {
         c: proto::ConsoleChunk,
     ) -> Result<(), MasterError> {
         let key = (c.attempt, c.atom_id);
-        let f = match self.open.entry(key) {
+        let (f, written) = match self.open.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let dir = handle
@@ -65,7 +66,8 @@ impl ConsoleFiles {
                         attempt: c.attempt,
                         reply,
                     })
-                    .await?;
+                    .await?
+                    .dir;
                 tokio::fs::create_dir_all(&dir)
                     .await
                     .map_err(|e| MasterError::io("creating console directory", e))?;
@@ -75,9 +77,13 @@ impl ConsoleFiles {
                     .open(dir.join(crate::results::CONSOLE_FILE))
                     .await
                     .map_err(|e| MasterError::io("opening console file", e))?;
-                e.insert(f)
+                e.insert((f, 0))
             }
         };
+        *written += c.data.len() as u64;
+        if *written > self.cap {
+            return Ok(());
+        }
         f.write_all(&c.data)
             .await
             .map_err(|e| MasterError::io("writing console", e))?;
@@ -86,9 +92,89 @@ impl ConsoleFiles {
 
     /// Makes an atom's console complete on disk before its result is recorded.
     async fn close(&mut self, attempt: u64, atom: u32) {
-        if let Some(mut f) = self.open.remove(&(attempt, atom)) {
+        if let Some((mut f, _)) = self.open.remove(&(attempt, atom)) {
             let _ = f.flush().await;
         }
+    }
+}
+
+/// The status for a file error while storing an upload: a full disk is named as such (the
+/// build it hits is failed), anything else is an internal error.
+fn io_status(context: &str, e: std::io::Error) -> Status {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        Status::resource_exhausted(format!("{context}: {DISK_FULL}: {e}"))
+    } else {
+        Status::from(MasterError::io(context, e))
+    }
+}
+
+/// How a full disk is named in statuses and build errors.
+const DISK_FULL: &str = "the master's disk is full";
+
+impl SlaveLinkService {
+    /// Writes the files of an upload into the attempt's directory, within the atom's and the
+    /// build's byte budgets.
+    async fn store_upload(
+        &self,
+        inbound: &mut Streaming<proto::ArtifactChunk>,
+        grant: &UploadGrant,
+        receipt: &mut proto::UploadReceipt,
+    ) -> Result<(), Status> {
+        use proto::artifact_chunk::Msg;
+        let mut current: Option<(String, tokio::fs::File)> = None;
+        while let Some(chunk) = inbound.message().await? {
+            let Some(Msg::File(f)) = chunk.msg else {
+                return Err(Status::invalid_argument(
+                    "only FileChunk may follow the header",
+                ));
+            };
+            let total = receipt.bytes + f.data.len() as u64;
+            if total > self.max_atom_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "the artifacts of one atom exceed {} bytes (max_artifact_bytes_per_atom)",
+                    self.max_atom_bytes
+                )));
+            }
+            if total > grant.budget {
+                return Err(Status::resource_exhausted(
+                    "the build's artifacts exceed max_artifact_bytes_per_build",
+                ));
+            }
+            let same = current.as_ref().is_some_and(|(p, _)| *p == f.path);
+            if !same {
+                let rel = paths::safe_relative_path(&f.path).ok_or_else(|| {
+                    Status::invalid_argument(format!("unsafe artifact path {:?}", f.path))
+                })?;
+                let path = grant.dir.join(rel);
+                if let Some(parent) = path.parent() {
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| io_status("creating artifact directory", e))?;
+                }
+                let file = tokio::fs::File::create(&path)
+                    .await
+                    .map_err(|e| io_status("creating artifact file", e))?;
+                receipt.files += 1;
+                current = Some((f.path.clone(), file));
+            }
+            let (_, file) = current.as_mut().expect("set above");
+            file.write_all(&f.data)
+                .await
+                .map_err(|e| io_status("writing artifact", e))?;
+            receipt.bytes = total;
+            if f.last {
+                let (_, mut file) = current.take().expect("set above");
+                file.flush()
+                    .await
+                    .map_err(|e| io_status("writing artifact", e))?;
+            }
+        }
+        if let Some((_, mut file)) = current {
+            file.flush()
+                .await
+                .map_err(|e| io_status("writing artifact", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -117,8 +203,12 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
             .call(|reply| Command::SlaveConnected(reg, tx, reply))
             .await?;
         let handle = self.handle.clone();
+        let console_cap = self.max_atom_bytes;
         tokio::spawn(async move {
-            let mut consoles = ConsoleFiles::default();
+            let mut consoles = ConsoleFiles {
+                open: HashMap::new(),
+                cap: console_cap,
+            };
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(proto::SlaveMessage { msg: Some(m) })) => m,
@@ -172,7 +262,7 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
                 ));
             }
         };
-        let dir = self
+        let grant = self
             .handle
             .call(|reply| Command::UploadTarget {
                 slave: header.slave_id,
@@ -184,53 +274,22 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
             })
             .await?;
         let mut receipt = proto::UploadReceipt::default();
-        let mut current: Option<(String, tokio::fs::File)> = None;
-        while let Some(chunk) = inbound.message().await? {
-            let Some(Msg::File(f)) = chunk.msg else {
-                return Err(Status::invalid_argument(
-                    "only FileChunk may follow the header",
-                ));
-            };
-            receipt.bytes += f.data.len() as u64;
-            if receipt.bytes > self.max_atom_bytes {
-                return Err(Status::resource_exhausted(format!(
-                    "artifacts of one atom exceed {} bytes",
-                    self.max_atom_bytes
-                )));
-            }
-            let same = current.as_ref().is_some_and(|(p, _)| *p == f.path);
-            if !same {
-                let rel = paths::safe_relative_path(&f.path).ok_or_else(|| {
-                    Status::invalid_argument(format!("unsafe artifact path {:?}", f.path))
-                })?;
-                let path = dir.join(rel);
-                if let Some(parent) = path.parent() {
-                    tokio::fs::create_dir_all(parent).await.map_err(|e| {
-                        Status::from(MasterError::io("creating artifact directory", e))
-                    })?;
-                }
-                let file = tokio::fs::File::create(&path)
-                    .await
-                    .map_err(|e| Status::from(MasterError::io("creating artifact file", e)))?;
-                receipt.files += 1;
-                current = Some((f.path.clone(), file));
-            }
-            let (_, file) = current.as_mut().expect("set above");
-            file.write_all(&f.data)
-                .await
-                .map_err(|e| Status::from(MasterError::io("writing artifact", e)))?;
-            if f.last {
-                let (_, mut file) = current.take().expect("set above");
-                file.flush()
-                    .await
-                    .map_err(|e| Status::from(MasterError::io("writing artifact", e)))?;
-            }
+        let result = self.store_upload(&mut inbound, &grant, &mut receipt).await;
+        // What reached the disk counts against the build's budget, even when the upload failed.
+        let _ = self
+            .handle
+            .tell(Command::ArtifactBytes(header.build_id, receipt.bytes))
+            .await;
+        if let Err(status) = &result
+            && status.message().contains(DISK_FULL)
+        {
+            let msg = format!("Could not store artifacts: {}", status.message());
+            let _ = self
+                .handle
+                .tell(Command::ResultsFailed(header.build_id, msg))
+                .await;
         }
-        if let Some((_, mut file)) = current {
-            file.flush()
-                .await
-                .map_err(|e| Status::from(MasterError::io("writing artifact", e)))?;
-        }
+        result?;
         Ok(Response::new(receipt))
     }
 }

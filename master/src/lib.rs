@@ -49,6 +49,8 @@ pub async fn serve(
         max_prepare_attempts: cfg.max_prepare_attempts,
         resume_grace: Duration::from_millis(cfg.resume_grace_ms),
         max_subjob_attempts: cfg.max_subjob_attempts,
+        max_atoms_per_build: cfg.max_atoms_per_build,
+        max_artifact_bytes_per_build: cfg.max_artifact_bytes_per_build,
         default_atom_timeout_s: cfg.default_atom_timeout_s,
         default_build_timeout_s: cfg.default_build_timeout_s,
     };
@@ -74,6 +76,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .add_service(proto::slave_link_server::SlaveLinkServer::with_interceptor(
             link,
             check.clone(),

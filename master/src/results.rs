@@ -101,8 +101,13 @@ pub enum ResultsJob {
     },
 }
 
-/// Runs the results queue until every sender is dropped.
-pub async fn run(layout: ResultsLayout, mut rx: mpsc::UnboundedReceiver<ResultsJob>) {
+/// Runs the results queue until every sender is dropped. A promotion that fails (disk full,
+/// I/O error) is reported to the core through `failures`, which fails the build.
+pub async fn run(
+    layout: ResultsLayout,
+    mut rx: mpsc::UnboundedReceiver<ResultsJob>,
+    failures: mpsc::WeakSender<crate::core::Command>,
+) {
     while let Some(job) = rx.recv().await {
         let layout = layout.clone();
         match job {
@@ -132,7 +137,16 @@ pub async fn run(layout: ResultsLayout, mut rx: mpsc::UnboundedReceiver<ResultsJ
                 match res {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        tracing::error!(build, subjob, atom, error = %e, "could not store an atom's results")
+                        tracing::error!(build, subjob, atom, error = %e, "could not store an atom's results");
+                        if let Some(tx) = failures.upgrade() {
+                            let msg = format!(
+                                "Could not store the results of {}: {e}",
+                                archive::artifact_dir_name(subjob, atom)
+                            );
+                            let _ = tx
+                                .send(crate::core::Command::ResultsFailed(build, msg))
+                                .await;
+                        }
                     }
                     Err(e) => tracing::error!(error = %e, "results task panicked"),
                 }

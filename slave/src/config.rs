@@ -26,6 +26,9 @@ pub struct SlaveConfig {
     /// The master is considered gone after this long without a message from it, in
     /// milliseconds. Default 20000.
     pub master_timeout_ms: u64,
+    /// Console bytes kept per atom: past it the start is dropped and only the tail (between half
+    /// and all of this) is kept, with a note saying how much was cut. Default 64 MiB.
+    pub max_console_bytes_per_atom: u64,
     /// Largest atomizer output accepted, in bytes. Default 64 MiB.
     pub max_atomizer_output: usize,
     /// On shutdown (SIGTERM), how long running subjobs may take to finish before they are
@@ -86,6 +89,7 @@ impl Default for SlaveConfig {
             kill_grace_ms: 3_000,
             max_reconnect_delay_ms: 5_000,
             master_timeout_ms: 20_000,
+            max_console_bytes_per_atom: 64 << 20,
             max_atomizer_output: 64 << 20,
             shutdown_grace_ms: 30_000,
             shutdown_teardown_ms: 30_000,

@@ -636,8 +636,9 @@ impl Worker {
         let (otx, mut orx) = mpsc::channel::<Vec<u8>>(64);
         // Output goes to a local file (the whole console, for an upload after an interruption)
         // and, while the atom's session lasts, to the master as it is written.
+        let cap = self.shared.cfg.max_console_bytes_per_atom;
         let forward = async {
-            let mut file = tokio::fs::File::create(&console_path).await.ok();
+            let mut tail = ConsoleTail::new(&console_path, cap);
             let mut interrupted = epoch0 == 0;
             while let Some(mut data) = orx.recv().await {
                 while data.len() < runner::CHUNK {
@@ -646,20 +647,15 @@ impl Worker {
                         Err(_) => break,
                     }
                 }
-                if let Some(f) = file.as_mut()
-                    && f.write_all(&data).await.is_err()
-                {
-                    file = None;
-                }
+                tail.write(&data).await;
                 interrupted = interrupted || self.epoch() != epoch0;
-                if !interrupted {
+                // Past the cap only the tail is kept, and it goes up with the artifacts.
+                if !interrupted && !tail.cut() {
                     self.send(chunk_of(data)).await;
                 }
             }
-            if let Some(f) = file.as_mut() {
-                let _ = f.flush().await;
-            }
-            interrupted
+            let cut = tail.finish().await;
+            interrupted || cut
         };
         let timeout = (job.atom_timeout_seconds > 0)
             .then(|| Duration::from_secs(job.atom_timeout_seconds.into()));
@@ -736,13 +732,24 @@ impl Worker {
             .await;
         let _ = tokio::fs::remove_dir_all(&art_dir).await;
         let _ = tokio::fs::remove_file(&console_path).await;
-        let artifact_files = uploaded?;
+        let (artifact_files, exit_code) = match uploaded? {
+            Uploaded::Files(n) => (n, outcome.exit_code),
+            // Its results are incomplete: a passing atom must not count as a pass.
+            Uploaded::Refused => (
+                0,
+                if outcome.exit_code == 0 {
+                    1
+                } else {
+                    outcome.exit_code
+                },
+            ),
+        };
         Some(proto::AtomResult {
             build_id: r.build_id,
             subjob_id: r.subjob_id,
             atom_id: atom.atom_id,
             attempt: r.attempt,
-            exit_code: outcome.exit_code,
+            exit_code,
             seconds: outcome.seconds,
             artifact_files,
             tries,
@@ -752,14 +759,15 @@ impl Worker {
 
     /// Uploads an atom's files, waiting for a session when there is none and retrying when one
     /// fails. `None` when the master refused the attempt (it was dropped) or the attempt was
-    /// canceled; an upload the master cannot store is reported in the console and not retried.
+    /// canceled; an upload the master cannot store (over a limit, disk full) is reported in the
+    /// console, not retried, and makes the atom a failure.
     async fn upload_with_retry(
         &self,
         mut header: proto::UploadHeader,
         dir: &Path,
         console: Option<&Path>,
         cancel: &CancellationToken,
-    ) -> Option<u32> {
+    ) -> Option<Uploaded> {
         let mut files = {
             let dir = dir.to_path_buf();
             tokio::task::spawn_blocking(move || artifact_files(&dir))
@@ -770,7 +778,7 @@ impl Worker {
             files.push((crate::CONSOLE_FILE.to_string(), c.to_path_buf()));
         }
         if files.is_empty() {
-            return Some(0);
+            return Some(Uploaded::Files(0));
         }
         let mut live_rx = self.live.subscribe();
         loop {
@@ -785,7 +793,7 @@ impl Worker {
             };
             header.slave_id = live.slave_id;
             match upload(live.link.clone(), header, files.clone()).await {
-                Ok(n) => return Some(n),
+                Ok(n) => return Some(Uploaded::Files(n)),
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                     tracing::info!(
                         attempt = header.attempt,
@@ -809,7 +817,10 @@ impl Worker {
                 }
                 Err(s) => {
                     tracing::warn!(attempt = header.attempt, error = %s.message(), "artifact upload refused");
-                    let note = format!("\n[ish] artifact upload failed: {}\n", s.message());
+                    let note = format!(
+                        "\n[ish] artifact upload refused: {}; the atom is recorded as failed\n",
+                        s.message()
+                    );
                     if console.is_none() {
                         self.send(Up::Console(proto::ConsoleChunk {
                             build_id: header.build_id,
@@ -820,10 +831,131 @@ impl Worker {
                         }))
                         .await;
                     }
-                    return Some(0);
+                    return Some(Uploaded::Refused);
                 }
             }
         }
+    }
+}
+
+/// What became of an atom's upload.
+#[derive(Debug, Clone, Copy)]
+enum Uploaded {
+    /// Stored: this many files.
+    Files(u32),
+    /// The master could not store it.
+    Refused,
+}
+
+/// An atom's console on the slave's disk, bounded: it is written in two segment files of `cap / 2`
+/// bytes used in turn, so past `cap` bytes only the last `cap / 2` to `cap` bytes are kept;
+/// `finish` writes them (after a note saying how much was cut) to the console file.
+struct ConsoleTail {
+    path: PathBuf,
+    cap: u64,
+    segs: [PathBuf; 2],
+    file: Option<tokio::fs::File>,
+    live: usize,
+    live_len: u64,
+    total: u64,
+    rotated: bool,
+}
+
+impl ConsoleTail {
+    fn new(path: &Path, cap: u64) -> Self {
+        let seg = |i: u32| path.with_extension(format!("seg{i}"));
+        Self {
+            path: path.to_path_buf(),
+            cap: cap.max(2),
+            segs: [seg(0), seg(1)],
+            file: None,
+            live: 0,
+            live_len: 0,
+            total: 0,
+            rotated: false,
+        }
+    }
+
+    /// True once more than `cap` bytes were written.
+    fn cut(&self) -> bool {
+        self.total > self.cap
+    }
+
+    async fn write(&mut self, mut data: &[u8]) {
+        self.total += data.len() as u64;
+        let half = self.cap / 2;
+        while !data.is_empty() {
+            if self.live_len >= half {
+                // The other segment is older than anything in this one: reuse it.
+                self.live = 1 - self.live;
+                self.live_len = 0;
+                self.file = None;
+                self.rotated = true;
+            }
+            if self.file.is_none() {
+                self.file = tokio::fs::File::create(&self.segs[self.live]).await.ok();
+            }
+            let n = data.len().min((half - self.live_len) as usize);
+            if let Some(f) = self.file.as_mut()
+                && f.write_all(&data[..n]).await.is_err()
+            {
+                self.file = None;
+            }
+            self.live_len += n as u64;
+            data = &data[n..];
+        }
+    }
+
+    /// Writes the console file; true when output was cut.
+    async fn finish(mut self) -> bool {
+        if let Some(mut f) = self.file.take() {
+            let _ = f.flush().await;
+        }
+        let cut = self.cut();
+        let result: std::io::Result<()> = async {
+            if !self.rotated {
+                match tokio::fs::rename(&self.segs[self.live], &self.path).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        tokio::fs::write(&self.path, b"").await
+                    }
+                    other => other,
+                }
+            } else {
+                // Streamed, not read into memory: a tail can be tens of megabytes.
+                let mut parts = Vec::new();
+                if self.rotated {
+                    parts.push(&self.segs[1 - self.live]);
+                }
+                parts.push(&self.segs[self.live]);
+                let mut kept = 0;
+                for p in &parts {
+                    kept += tokio::fs::metadata(p).await.map(|m| m.len()).unwrap_or(0);
+                }
+                let mut out = tokio::fs::File::create(&self.path).await?;
+                if kept < self.total {
+                    let note = format!(
+                        "[ish] console output cut: the first {} of {} bytes were dropped (max_console_bytes_per_atom)\n",
+                        self.total - kept,
+                        self.total
+                    );
+                    out.write_all(note.as_bytes()).await?;
+                }
+                for p in parts {
+                    if let Ok(mut f) = tokio::fs::File::open(p).await {
+                        tokio::io::copy(&mut f, &mut out).await?;
+                    }
+                }
+                out.flush().await
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not write an atom's console file");
+        }
+        for seg in &self.segs {
+            let _ = tokio::fs::remove_file(seg).await;
+        }
+        cut
     }
 }
 
