@@ -14,6 +14,8 @@ pub mod console;
 pub mod grouping;
 pub mod jobconfig;
 pub mod paths;
+#[cfg(test)]
+mod proptests;
 pub mod proto;
 pub mod state;
 
