@@ -192,6 +192,9 @@ pub async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     resp
 }
 
+/// Largest refused body still read to its end so the client gets its 413 (see `read_body`).
+const DRAIN_LIMIT: u64 = 64 << 20;
+
 async fn read_body(ctx: &Ctx<'_>, body: Body) -> Result<Bytes, ApiError> {
     let max = ctx.state.max_body_bytes();
     let declared = ctx
@@ -199,7 +202,19 @@ async fn read_body(ctx: &Ctx<'_>, body: Body) -> Result<Bytes, ApiError> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    if let Some(n) = declared.filter(|&n| n > max as u64) {
+        // A client that sends its whole body before reading the answer (no `Expect:
+        // 100-continue`) would see a broken pipe instead of the 413 if the connection closed
+        // with the body unread: read and drop it, up to a bound and a deadline.
+        let expects_continue = ctx.headers.get(header::EXPECT).is_some();
+        if !expects_continue && n <= DRAIN_LIMIT {
+            use http_body_util::BodyExt;
+            let mut body = body;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                while let Some(Ok(_)) = body.frame().await {}
+            })
+            .await;
+        }
         return Err(ApiError::TooLarge(max));
     }
     // Past the limit, or a body the client broke off: either way nothing to act on.

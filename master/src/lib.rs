@@ -28,6 +28,12 @@ use ish_core::proto;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+
+/// Largest gRPC message accepted. Requests are bounded by their own limits (atoms, config,
+/// env); this only has to let the largest valid request through (tonic's default is 4 MiB, less
+/// than a 10 MiB REST body once the gateway adds its request_params copy).
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// File in the data dir that holds the address the master listens on.
 pub const ADDR_FILE: &str = "master.addr";
@@ -77,16 +83,19 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
-        .add_service(proto::slave_link_server::SlaveLinkServer::with_interceptor(
-            link,
+        .add_service(InterceptedService::new(
+            proto::slave_link_server::SlaveLinkServer::new(link)
+                .max_decoding_message_size(MAX_MESSAGE),
             check.clone(),
         ))
-        .add_service(proto::builds_server::BuildsServer::with_interceptor(
-            grpc::BuildsService::new(handle.clone()),
+        .add_service(InterceptedService::new(
+            proto::builds_server::BuildsServer::new(grpc::BuildsService::new(handle.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
             check.clone(),
         ))
-        .add_service(proto::cluster_server::ClusterServer::with_interceptor(
-            grpc::ClusterService::new(handle.clone()),
+        .add_service(InterceptedService::new(
+            proto::cluster_server::ClusterServer::new(grpc::ClusterService::new(handle.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
             check,
         ))
         .serve_with_incoming_shutdown(

@@ -309,9 +309,12 @@ pub async fn check_archives(c: &mut BuildsClient, id: u64, expect: impl Fn(&str)
         want.insert("failures.txt".into(), failures.join("\n").into_bytes());
     }
     let zip = zip_files(&download(c, id, proto::ArchiveFormat::Zip).await);
-    let zip_names: Vec<&String> = zip.keys().collect();
-    let want_names: Vec<&String> = want.keys().collect();
-    assert_eq!(zip_names, want_names, "results.zip entries");
+    let missing: Vec<&String> = want.keys().filter(|k| !zip.contains_key(*k)).collect();
+    let extra: Vec<&String> = zip.keys().filter(|k| !want.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "results.zip entries: missing {missing:?}, unexpected {extra:?}"
+    );
     for (k, v) in &want {
         assert_eq!(
             String::from_utf8_lossy(&zip[k]),
