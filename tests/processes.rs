@@ -103,6 +103,7 @@ struct Cluster {
     url: String,
     master: Proc,
     slaves: Vec<Proc>,
+    restarts: u32,
 }
 
 impl Cluster {
@@ -151,6 +152,7 @@ impl Cluster {
             url,
             master,
             slaves: Vec::new(),
+            restarts: 0,
         };
         for i in 0..slaves {
             c.start_slave(i, executors);
@@ -202,6 +204,74 @@ impl Cluster {
             }
             assert!(Instant::now() < deadline, "{got} of {n} slaves registered");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// kill -9 the master, then start it again on the same address and data dir.
+    fn crash_and_restart_master(&mut self, downtime: Duration) {
+        let master_dir = self.dir.path().join("master");
+        let addr = std::fs::read_to_string(master_dir.join("master.addr")).unwrap();
+        assert_eq!(
+            self.master
+                .signal_and_wait(Signal::SIGKILL, Duration::from_secs(5)),
+            None
+        );
+        std::thread::sleep(downtime);
+        let conf = self.dir.path().join("master.toml");
+        let mut args = vec![
+            "master",
+            "--listen",
+            addr.trim(),
+            "--data-dir",
+            master_dir.to_str().unwrap(),
+        ];
+        if conf.exists() {
+            args.extend(["--config", conf.to_str().unwrap()]);
+        }
+        self.restarts += 1;
+        let name = format!("master-{}", self.restarts);
+        self.master = Proc::spawn(&name, &args, &self.secret, self.dir.path());
+    }
+
+    /// Every log of the cluster so far (for failure messages).
+    fn logs(&self) -> String {
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| {
+                format!(
+                    "==> {}\n{}",
+                    p.display(),
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// Starts `ish gateway` on a free port; returns its base URL and the process.
+    fn start_gateway(&self) -> (String, Proc) {
+        let gw = Proc::spawn(
+            "gateway",
+            &["gateway", "--listen", "127.0.0.1:0", "--master", &self.url],
+            &self.secret,
+            self.dir.path(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = gw.log();
+            if let Some(i) = log.find("Some(") {
+                let rest = &log[i + 5..];
+                let addr = &rest[..rest.find(')').unwrap()];
+                return (format!("http://{addr}"), gw);
+            }
+            assert!(Instant::now() < deadline, "gateway did not start:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -809,4 +879,131 @@ async fn a_frozen_slave_loses_its_work_and_its_late_results_are_ignored() {
     })
     .await;
     c.stop();
+}
+
+/// kill -9 of the master at five points of one 200-atom build across three slaves (right after
+/// submission, at about 25, 50 and 75 %, and once every atom is done): the build finishes with
+/// correct archives and every atom ran exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_killed_at_five_points_of_a_200_atom_build() {
+    let mut c = Cluster::start_with(3, 2, "resume_grace_ms = 3000\n").await;
+    let marker = tempfile::tempdir().unwrap();
+    let runs = marker.path().join("runs");
+    let project = project_with(&format!(
+        "P:\n  commands: ['sleep 0.05', 'echo $T >> {}', 'echo $T > $ARTIFACT_DIR/t', 'echo atom $T']\n  atomizers: [{{T: 'seq 1 200'}}]\n",
+        runs.display()
+    ));
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    for (i, at) in [0u32, 50, 100, 150, 200].into_iter().enumerate() {
+        if at > 0 {
+            wait_for(&mut b, id, Duration::from_secs(120), |b| {
+                b.completed_atoms >= at || is_final(b)
+            })
+            .await;
+        }
+        c.crash_and_restart_master(Duration::from_millis(200 + 100 * i as u64));
+        b = c.clients().await.0;
+    }
+    let build = wait_final(&mut b, id).await;
+    if state(&build) != proto::BuildState::Finished {
+        let path = std::env::temp_dir().join("ish-five-points.log");
+        std::fs::write(&path, c.logs()).unwrap();
+        panic!("{build:#?}\nevery process's log is in {}", path.display());
+    }
+    assert_eq!(
+        (build.num_atoms, build.result),
+        (200, proto::BuildResult::NoFailures as i32)
+    );
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("atom {t}\n"),
+        exit_code: 0,
+        files: vec![("t".into(), format!("{t}\n").into_bytes())],
+    })
+    .await;
+    let mut lines: Vec<u32> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        (1..=200).collect::<Vec<u32>>(),
+        "every atom ran exactly once"
+    );
+    c.stop();
+}
+
+/// The gateway rides out a master restart: 503 with a JSON error while the master is down, the
+/// same builds and states once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_answers_503_while_the_master_restarts() {
+    let mut c = Cluster::start(1, 1).await;
+    let (gw, mut gw_proc) = c.start_gateway();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder().build().unwrap();
+    let project = project_with("G:\n  commands: ['true']\n  atomizers: [{V: 'seq 2'}]\n");
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let before = wait_final(&mut b, id).await;
+    let get = |url: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let (status, v) = get(format!("{gw}/v1/build/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["build"]["status"], "FINISHED");
+    let master_dir = c.dir.path().join("master");
+    let addr = std::fs::read_to_string(master_dir.join("master.addr")).unwrap();
+    assert_eq!(
+        c.master
+            .signal_and_wait(Signal::SIGKILL, Duration::from_secs(5)),
+        None
+    );
+    let (status, v) = get(format!("{gw}/v1/build/{id}")).await;
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+    c.master = Proc::spawn(
+        "master",
+        &[
+            "master",
+            "--listen",
+            addr.trim(),
+            "--data-dir",
+            master_dir.to_str().unwrap(),
+        ],
+        &c.secret,
+        c.dir.path(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let (status, v) = get(format!("{gw}/v1/build/{id}")).await;
+        if status == 200 {
+            break v;
+        }
+        assert_eq!(status, 503, "only 503 while the master comes back: {v}");
+        assert!(Instant::now() < deadline, "the gateway never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v["build"]["status"], "FINISHED");
+    assert_eq!(v["build"]["id"], id);
+    let mut b = c.clients().await.0;
+    assert_eq!(get_build_state(&mut b, id).await, state(&before));
+    assert_eq!(
+        gw_proc.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10)),
+        Some(0)
+    );
+    c.stop();
+}
+
+async fn get_build_state(b: &mut ish_cli::local::BuildsClient, id: u64) -> proto::BuildState {
+    state(&get(b, id).await)
 }

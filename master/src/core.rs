@@ -47,6 +47,8 @@ pub struct ConsoleLocation {
 pub struct UploadGrant {
     /// The attempt's atom directory.
     pub dir: PathBuf,
+    /// Where its console streams to (live reads only).
+    pub live_console: PathBuf,
     /// Bytes the build may still upload (max_artifact_bytes_per_build minus what it used).
     pub budget: u64,
 }
@@ -265,6 +267,8 @@ struct Build {
     recovered: bool,
     /// Artifact bytes uploaded so far (since this master started).
     artifact_bytes: u64,
+    /// Its subjobs and atoms are on disk: dispatching may start.
+    grouping_durable: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -339,6 +343,8 @@ pub enum Durable {
     Submitted(u64, Reply<u64>),
     /// A finished attempt: the slave may forget it.
     Ack(u64, u64),
+    /// A prepared build: its subjobs may be dispatched.
+    Prepared(u64),
 }
 
 /// Most variables a build's `env` may set.
@@ -560,6 +566,7 @@ impl Build {
             executors_in_use: 0,
             recovered: false,
             artifact_bytes: 0,
+            grouping_durable: false,
         }
     }
 
@@ -742,6 +749,8 @@ impl Core {
             b.project_key = rec.project_key;
             b.project_dir = pb.project_dir;
             b.artifacts_ready = pb.artifacts_ready;
+            // What was stored is durable by definition.
+            b.grouping_durable = true;
             b.setup_failures = rec.setup_failures;
             b.prepare_attempts = rec.prepare_attempts;
             let n_subjobs = pb.num_subjobs as usize;
@@ -823,7 +832,6 @@ impl Core {
                             command: jobconfig::atom_command(&a.command_string, &commands),
                             exit_code,
                             seconds: a.actual_time.unwrap_or_default(),
-                            recovering: true,
                         });
                     }
                 }
@@ -1119,6 +1127,7 @@ impl Core {
                         .unwrap_or(0);
                     Ok(UploadGrant {
                         dir: self.layout.attempt_atom_dir(build, attempt, subjob, atom),
+                        live_console: self.layout.live_console(build, attempt, subjob, atom),
                         budget: self.cfg.max_artifact_bytes_per_build.saturating_sub(used),
                     })
                 } else {
@@ -1230,6 +1239,13 @@ impl Core {
                 }
                 // Without an ack the slave keeps the attempt and reports it again.
                 (Durable::Ack(..), Err(_)) => {}
+                (Durable::Prepared(id), Ok(())) => {
+                    if let Some(b) = self.builds.get_mut(&id) {
+                        b.grouping_durable = true;
+                    }
+                }
+                // Try again with the next flush.
+                (Durable::Prepared(id), Err(_)) => self.durable.push(Durable::Prepared(id)),
             }
         }
     }
@@ -1353,10 +1369,7 @@ impl Core {
         }
         match s.running {
             Some(attempt) if !b.state.is_final() => Ok(ConsoleLocation {
-                path: self
-                    .layout
-                    .attempt_atom_dir(id, attempt, subjob, atom)
-                    .join(CONSOLE_FILE),
+                path: self.layout.live_console(id, attempt, subjob, atom),
                 pending: None,
                 complete: false,
             }),
@@ -1487,7 +1500,7 @@ impl Core {
             let Some(b) = self
                 .builds
                 .get_mut(&h.build_id)
-                .filter(|b| matches!(b.state, BuildState::Prepared | BuildState::Building))
+                .filter(|b| !b.state.is_final())
             else {
                 self.send(
                     sid,
@@ -1500,7 +1513,10 @@ impl Core {
             if b.slaves.contains_key(&sid) {
                 continue;
             }
-            let sb = if h.set_up {
+            // A build being (re)prepared keeps the slave's workspace: teardown reaches it when
+            // the build ends, and a Prepare or Setup sent to this slave reuses it.
+            let usable = matches!(b.state, BuildState::Prepared | BuildState::Building);
+            let sb = if h.set_up && usable {
                 let cap = executors.min(b.max_per_slave());
                 let start_index = b.next_executor_index;
                 b.next_executor_index += cap;
@@ -1786,13 +1802,20 @@ impl Core {
             subjobs = b.subjobs.len(),
             "build prepared"
         );
-        if let Err(e) = self
-            .store
-            .put_atoms(id, b.subjobs.iter().flat_map(|s| &s.atoms))
-        {
-            tracing::error!(build = id, error = %e, "could not store atoms");
+        // A preparation redone after a crash may have left records of another grouping.
+        let stored = self.store.clear_build_details(id).and_then(|()| {
+            self.store
+                .put_atoms(id, b.subjobs.iter().flat_map(|s| &s.atoms))
+        });
+        if let Err(e) = stored {
+            let msg = format!("Could not store the build's atoms: {e}");
+            self.end_build(id, BuildEvent::Fail, msg);
+            return;
         }
         self.persist(id);
+        // Nothing is dispatched until the grouping is on disk: a master that crashes after a
+        // dispatch must find the same subjobs (and the slaves' reports must match them).
+        self.durable.push(Durable::Prepared(id));
         self.notify(id);
         self.check_complete(id);
     }
@@ -1948,7 +1971,6 @@ impl Core {
             command: jobconfig::atom_command(&atom.command_string, &commands),
             exit_code: r.exit_code,
             seconds: r.seconds,
-            recovering: false,
         });
         self.notify(r.build_id);
     }
@@ -2146,9 +2168,13 @@ impl Core {
         }
         self.persist(id);
         let store = self.store.clone();
+        let results = self.results.clone();
         tokio::spawn(async move {
-            if let Err(e) = store.flush().await {
-                tracing::error!(build = id, error = %e, "could not flush the database");
+            match store.flush().await {
+                Ok(()) => {
+                    let _ = results.send(ResultsJob::Cleanup { build: id });
+                }
+                Err(e) => tracing::error!(build = id, error = %e, "could not flush the database"),
             }
         });
         self.notify(id);
@@ -2328,7 +2354,10 @@ impl Core {
     }
 
     fn dispatch(&mut self, id: u64) {
-        if self.builds[&id].recovered && self.resume_until.is_some_and(|t| Instant::now() < t) {
+        let b = &self.builds[&id];
+        if !b.grouping_durable
+            || (b.recovered && self.resume_until.is_some_and(|t| Instant::now() < t))
+        {
             return;
         }
         // 1. Fill free executors of slaves already set up for the build.

@@ -57,7 +57,7 @@ impl ConsoleFiles {
         let (f, written) = match self.open.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let dir = handle
+                let path = handle
                     .call(|reply| Command::UploadTarget {
                         slave,
                         build: c.build_id,
@@ -67,14 +67,16 @@ impl ConsoleFiles {
                         reply,
                     })
                     .await?
-                    .dir;
-                tokio::fs::create_dir_all(&dir)
-                    .await
-                    .map_err(|e| MasterError::io("creating console directory", e))?;
+                    .live_console;
+                if let Some(dir) = path.parent() {
+                    tokio::fs::create_dir_all(dir)
+                        .await
+                        .map_err(|e| MasterError::io("creating console directory", e))?;
+                }
                 let f = tokio::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(dir.join(crate::results::CONSOLE_FILE))
+                    .open(&path)
                     .await
                     .map_err(|e| MasterError::io("opening console file", e))?;
                 e.insert((f, 0))

@@ -74,7 +74,10 @@ pub async fn serve(
     if let Some(addr) = addr {
         // Tools and tests on this host find a master started on port 0 here.
         let file = cfg.data_dir.join(ADDR_FILE);
-        std::fs::write(&file, addr.to_string())
+        let tmp = cfg.data_dir.join(format!("{ADDR_FILE}.tmp"));
+        // Written aside and renamed: a reader never sees a half-written address.
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &file))
             .map_err(|e| MasterError::io(format!("writing {}", file.display()), e))?;
     }
     tracing::info!(?addr, data_dir = %cfg.data_dir.display(), "master listening");

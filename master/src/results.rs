@@ -1,8 +1,10 @@
 //! Where a build's result files live on the master, and the one task that changes them.
 //!
 //! Layout under `<data_dir>/results/<build_id>/`:
-//! - `.attempts/<attempt>/artifact_<s>_<a>/` — console output and uploaded artifacts of an atom
-//!   while it runs (or from an attempt that was abandoned);
+//! - `.attempts/<attempt>/console_artifact_<s>_<a>` — an atom's console as it streams in, for
+//!   live reads;
+//! - `.attempts/<attempt>/artifact_<s>_<a>/` — the files an attempt uploaded when its atom ended
+//!   (its `$ARTIFACT_DIR` and its whole console);
 //! - `artifact_<s>_<a>/` — the accepted attempt of each atom, promoted when its result is recorded,
 //!   with `clusterrunner_command`, `_exit_code`, `_time` and `_console_output` written beside the
 //!   atom's own files;
@@ -48,6 +50,18 @@ impl ResultsLayout {
             .join(archive::artifact_dir_name(subjob, atom))
     }
 
+    /// The console of one attempt of one atom as it streams in (for live reads). It lives beside
+    /// the atom's directory, not in it: the authoritative console arrives with the atom's upload.
+    pub fn live_console(&self, build: u64, attempt: u64, subjob: u32, atom: u32) -> PathBuf {
+        self.build_dir(build)
+            .join(".attempts")
+            .join(attempt.to_string())
+            .join(format!(
+                "console_{}",
+                archive::artifact_dir_name(subjob, atom)
+            ))
+    }
+
     /// Accepted results of one atom.
     pub fn atom_dir(&self, build: u64, subjob: u32, atom: u32) -> PathBuf {
         self.build_dir(build)
@@ -85,8 +99,13 @@ pub enum ResultsJob {
         exit_code: i32,
         /// Seconds.
         seconds: f64,
-        /// Re-done after a master restart: an atom directory already in place is kept.
-        recovering: bool,
+    },
+    /// The build's final state is on disk: its attempt directories (abandoned attempts, live
+    /// consoles, promotion markers) are no longer needed. Before that they are: a master that
+    /// crashed while writing the archives redoes its promotions from them.
+    Cleanup {
+        /// Build.
+        build: u64,
     },
     /// Write failures.txt and both archives.
     Archive {
@@ -119,7 +138,6 @@ pub async fn run(
                 command,
                 exit_code,
                 seconds,
-                recovering,
             } => {
                 let res = tokio::task::spawn_blocking(move || {
                     let p = Promotion {
@@ -131,7 +149,7 @@ pub async fn run(
                         exit_code,
                         seconds,
                     };
-                    promote(&layout, &p, recovering)
+                    promote(&layout, &p)
                 })
                 .await;
                 match res {
@@ -151,6 +169,10 @@ pub async fn run(
                     Err(e) => tracing::error!(error = %e, "results task panicked"),
                 }
             }
+            ResultsJob::Cleanup { build } => {
+                let dir = layout.build_dir(build).join(".attempts");
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            }
             ResultsJob::Archive {
                 build,
                 dirs,
@@ -160,8 +182,6 @@ pub async fn run(
                 let res = tokio::task::spawn_blocking(move || {
                     let dir = layout.build_dir(build);
                     std::fs::create_dir_all(&dir)?;
-                    // Abandoned attempts are never part of the results.
-                    let _ = std::fs::remove_dir_all(dir.join(".attempts"));
                     for d in &dirs {
                         std::fs::create_dir_all(dir.join(d))?;
                     }
@@ -191,22 +211,39 @@ struct Promotion<'a> {
 
 /// Makes an attempt's files the atom's results. The rename is atomic, so a reader finds the
 /// console either in the attempt directory or in the atom directory, never half-moved.
-fn promote(layout: &ResultsLayout, p: &Promotion<'_>, recovering: bool) -> std::io::Result<()> {
+fn promote(layout: &ResultsLayout, p: &Promotion<'_>) -> std::io::Result<()> {
     let src = layout.attempt_atom_dir(p.build, p.attempt, p.subjob, p.atom);
     let dst = layout.atom_dir(p.build, p.subjob, p.atom);
+    // Beside the attempt's directory (never in the results): "this attempt's files are in dst".
+    let marker = src.with_file_name(format!(
+        "promoted_{}",
+        archive::artifact_dir_name(p.subjob, p.atom)
+    ));
     if src.exists() {
         if dst.exists() {
             // Left by an attempt whose result was lost in a crash: the recorded attempt wins.
             std::fs::remove_dir_all(&dst)?;
         }
         std::fs::rename(&src, &dst)?;
-    } else if !(recovering && dst.exists()) {
-        // The atom printed nothing and wrote no artifacts (or, when recovering, it was
-        // promoted before the restart and only the bookkeeping files are rewritten).
+        std::fs::write(&marker, b"")?;
+    } else if !marker.exists() {
+        // This attempt uploaded nothing (no output, no artifacts); anything in dst is another
+        // attempt's. (With the marker, this is the same promotion done again after a restart:
+        // only the bookkeeping files are rewritten.)
         if dst.exists() {
             std::fs::remove_dir_all(&dst)?;
         }
         std::fs::create_dir_all(&dst)?;
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&marker, b"")?;
+    }
+    // No console came with the upload (no output, or the upload was refused): keep what
+    // streamed in.
+    let live = layout.live_console(p.build, p.attempt, p.subjob, p.atom);
+    if !dst.join(CONSOLE_FILE).exists() && live.exists() {
+        std::fs::rename(&live, dst.join(CONSOLE_FILE))?;
     }
     write_atom_files(&dst, p.command, p.exit_code, p.seconds)
 }

@@ -149,6 +149,18 @@ impl Store {
             .collect()
     }
 
+    /// Deletes a build's atoms and dispatch counts (before a new grouping is stored).
+    pub fn clear_build_details(&self, build: u64) -> Result<()> {
+        for tree in [&self.atoms, &self.attempts] {
+            let mut batch = sled::Batch::default();
+            for kv in tree.scan_prefix(build.to_be_bytes()) {
+                batch.remove(kv?.0);
+            }
+            tree.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
     /// Records how many times a subjob has been dispatched.
     pub fn put_attempts(&self, build: u64, subjob: u32, attempts: u32) -> Result<()> {
         self.attempts

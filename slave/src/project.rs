@@ -3,8 +3,8 @@
 //! Layout under `<data_dir>`:
 //! - `repos/` — the git cache, one bare repository per remote (see `git.rs`); a second build of
 //!   the same repository only fetches;
-//! - `builds/<build_id>/src/` — a fresh working copy of the build's commit (git projects);
-//! - `builds/<build_id>/artifacts/` — `$ARTIFACT_DIR`s of running atoms.
+//! - `builds/<build_id>.<seq>/src/` — a fresh working copy of the build's commit (git projects);
+//! - `builds/<build_id>.<seq>/artifacts/` — `$ARTIFACT_DIR`s of running atoms.
 //!
 //! Everything here blocks (git, file system); callers use `spawn_blocking`.
 use crate::git::{FetchRequest, GitCredentials, RepoCache};
@@ -42,15 +42,22 @@ impl Workspaces {
         }
     }
 
-    /// `builds/<id>`.
-    pub fn build_dir(&self, id: u64) -> PathBuf {
-        self.root.join(id.to_string())
+    /// `builds/<id>.<seq>`: `seq` tells apart successive workspaces of one build on this slave
+    /// (torn down, then prepared again after a master restart), so one's teardown never deletes
+    /// the next one.
+    pub fn build_dir(&self, id: u64, seq: u64) -> PathBuf {
+        self.root.join(format!("{id}.{seq}"))
     }
 
     /// Puts build `id`'s project on disk (or finds it there from an earlier Prepare) and returns
     /// where it is. Errors are messages for the user.
-    pub fn materialize(&self, id: u64, spec: &proto::ProjectSpec) -> Result<Workspace, String> {
-        let build_dir = self.build_dir(id);
+    pub fn materialize(
+        &self,
+        id: u64,
+        seq: u64,
+        spec: &proto::ProjectSpec,
+    ) -> Result<Workspace, String> {
+        let build_dir = self.build_dir(id, seq);
         std::fs::create_dir_all(&build_dir)
             .map_err(|e| format!("Could not create {}: {e}", build_dir.display()))?;
         let sub = spec.project_directory.trim_matches('/');
@@ -130,8 +137,8 @@ impl Workspaces {
     }
 
     /// Deletes everything the slave created for build `id` (never a directory project itself).
-    pub fn remove(&self, id: u64) {
-        let dir = self.build_dir(id);
+    pub fn remove(&self, id: u64, seq: u64) {
+        let dir = self.build_dir(id, seq);
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {

@@ -3,8 +3,8 @@
 //! The [`Worker`] outlives sessions: when the master goes away (restart, network blip) running
 //! work keeps running. Everything the slave says goes through one ordered outbox that the current
 //! session drains; while there is no session, control messages wait in it and console chunks are
-//! dropped (an atom whose console stream was interrupted uploads its whole console file with its
-//! artifacts instead). On reconnection the slave reports the attempts and builds it holds
+//! dropped: streamed console is for watching, the console of record is uploaded with the atom's
+//! artifacts, so nothing is lost with a session. On reconnection the slave reports the attempts and builds it holds
 //! ([`Worker::report`]); the master adopts what it still wants and drops the rest.
 //!
 //! Every message of one atom is sent by one task, so the master sees AtomStarted → console →
@@ -72,6 +72,8 @@ pub struct Live {
 #[derive(Debug)]
 pub struct BuildCtx {
     id: u64,
+    /// Tells this workspace of the build apart from an earlier or later one on this slave.
+    seq: u64,
     /// Stops the build's processes.
     cancel: CancellationToken,
     /// Its prepare/setup/subjob tasks.
@@ -88,9 +90,10 @@ pub struct BuildCtx {
 }
 
 impl BuildCtx {
-    fn new(id: u64) -> Self {
+    fn new(id: u64, seq: u64) -> Self {
         Self {
             id,
+            seq,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ws: Mutex::new(None),
@@ -137,6 +140,7 @@ pub struct Worker {
     pub outbox_rx: tokio::sync::Mutex<mpsc::Receiver<Up>>,
     live: watch::Sender<Option<Live>>,
     grace: Duration,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Worker {
@@ -152,6 +156,7 @@ impl Worker {
             outbox,
             outbox_rx: tokio::sync::Mutex::new(rx),
             live,
+            next_seq: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -179,7 +184,10 @@ impl Worker {
             .lock()
             .expect("poisoned")
             .entry(id)
-            .or_insert_with(|| Arc::new(BuildCtx::new(id)))
+            .or_insert_with(|| {
+                let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+                Arc::new(BuildCtx::new(id, seq))
+            })
             .clone()
     }
 
@@ -294,8 +302,18 @@ impl Worker {
             }
             Down::Teardown(t) => {
                 let w = self.clone();
+                // Work that arrives for the build after this Teardown gets a fresh workspace;
+                // this one is finished and deleted in the background.
+                let ctx = self.builds.lock().expect("poisoned").remove(&t.build_id);
+                if let Some(b) = &ctx {
+                    // The master wants nothing more of this build here.
+                    self.attempts
+                        .lock()
+                        .expect("poisoned")
+                        .retain(|_, a| a.run.build_id != b.id);
+                }
                 tasks.spawn(async move {
-                    let result = match w.existing(t.build_id) {
+                    let result = match ctx {
                         Some(b) => w.teardown(&b).await,
                         None => proto::TeardownDone {
                             build_id: t.build_id,
@@ -344,7 +362,8 @@ impl Worker {
         let workspaces = self.shared.workspaces.clone();
         let id = b.id;
         let remote_files = spec.remote_files.clone();
-        let ws = tokio::task::spawn_blocking(move || workspaces.materialize(id, &spec))
+        let seq = b.seq;
+        let ws = tokio::task::spawn_blocking(move || workspaces.materialize(id, seq, &spec))
             .await
             .map_err(|e| format!("fetching the project failed: {e}"))??;
         self.shared
@@ -528,8 +547,15 @@ impl Worker {
         }
         let workspaces = self.shared.workspaces.clone();
         let id = b.id;
-        let _ = tokio::task::spawn_blocking(move || workspaces.remove(id)).await;
-        self.builds.lock().expect("poisoned").remove(&b.id);
+        let seq = b.seq;
+        let _ = tokio::task::spawn_blocking(move || workspaces.remove(id, seq)).await;
+        {
+            // Only this workspace's record: new work for the build may already have its own.
+            let mut builds = self.builds.lock().expect("poisoned");
+            if builds.get(&b.id).is_some_and(|cur| Arc::ptr_eq(cur, b)) {
+                builds.remove(&b.id);
+            }
+        }
         self.attempts
             .lock()
             .expect("poisoned")
@@ -654,8 +680,7 @@ impl Worker {
                     self.send(chunk_of(data)).await;
                 }
             }
-            let cut = tail.finish().await;
-            interrupted || cut
+            tail.finish().await;
         };
         let timeout = (job.atom_timeout_seconds > 0)
             .then(|| Duration::from_secs(job.atom_timeout_seconds.into()));
@@ -715,11 +740,13 @@ impl Worker {
                 let _ = tokio::fs::create_dir_all(&art_dir).await;
             }
         };
-        let ((outcome, tries, timed_out), interrupted) = tokio::join!(runs, forward);
-        // A session that changed during the atom means part of its console never reached the
-        // master: send the whole file with the artifacts.
-        let interrupted = interrupted || self.epoch() != epoch0;
-        let console = interrupted.then_some(console_path.as_path());
+        let ((outcome, tries, timed_out), ()) = tokio::join!(runs, forward);
+        // The streamed console is for watching; the console of record goes with the artifacts,
+        // so a session lost while chunks were in flight loses nothing.
+        let has_output = tokio::fs::metadata(&console_path)
+            .await
+            .is_ok_and(|m| m.len() > 0);
+        let console = has_output.then_some(console_path.as_path());
         let header = proto::UploadHeader {
             slave_id: 0,
             build_id: r.build_id,
@@ -821,16 +848,15 @@ impl Worker {
                         "\n[ish] artifact upload refused: {}; the atom is recorded as failed\n",
                         s.message()
                     );
-                    if console.is_none() {
-                        self.send(Up::Console(proto::ConsoleChunk {
-                            build_id: header.build_id,
-                            subjob_id: header.subjob_id,
-                            atom_id: header.atom_id,
-                            attempt: header.attempt,
-                            data: note.into_bytes(),
-                        }))
-                        .await;
-                    }
+                    // The master keeps the streamed console when no uploaded one arrives.
+                    self.send(Up::Console(proto::ConsoleChunk {
+                        build_id: header.build_id,
+                        subjob_id: header.subjob_id,
+                        atom_id: header.atom_id,
+                        attempt: header.attempt,
+                        data: note.into_bytes(),
+                    }))
+                    .await;
                     return Some(Uploaded::Refused);
                 }
             }

@@ -144,9 +144,27 @@ impl Harness {
         self.core.handle(Command::FromSlave(s.id, msg));
     }
 
-    fn prepared(&mut self, s: &FakeSlave, build: u64, job: proto::JobConfig, atoms: Vec<String>) {
-        self.from(
-            s,
+    /// Reports a preparation and waits (like the actor) for the flush that makes its grouping
+    /// durable, after which dispatching may start.
+    async fn prepared(
+        &mut self,
+        s: &FakeSlave,
+        build: u64,
+        job: proto::JobConfig,
+        atoms: Vec<String>,
+    ) {
+        self.prepared_from(s.id, build, job, atoms).await;
+    }
+
+    async fn prepared_from(
+        &mut self,
+        sid: u64,
+        build: u64,
+        job: proto::JobConfig,
+        atoms: Vec<String>,
+    ) {
+        self.core.handle(Command::FromSlave(
+            sid,
             Up::Prepared(proto::PrepareResult {
                 build_id: build,
                 job: Some(job),
@@ -154,7 +172,20 @@ impl Harness {
                 project_dir: "/tmp/p".into(),
                 ..Default::default()
             }),
-        );
+        ));
+        self.settle_durable(build).await;
+    }
+
+    /// Pumps the core's own commands until the build's grouping is durable (or it ended).
+    async fn settle_durable(&mut self, build: u64) {
+        while self
+            .core
+            .builds
+            .get(&build)
+            .is_some_and(|b| !b.grouping_durable && !b.state.is_final() && !b.subjobs.is_empty())
+        {
+            self.pump().await;
+        }
     }
 
     fn setup_ok(&mut self, s: &FakeSlave, build: u64) {
@@ -246,7 +277,7 @@ async fn a_build_runs_from_queue_to_finished() {
     };
     assert_eq!(p.build_id, id);
     assert_eq!(state(&h.build(id)), proto::BuildState::Preparing);
-    h.prepared(&s, id, job(0, 0), atoms(4));
+    h.prepared(&s, id, job(0, 0), atoms(4)).await;
     assert_eq!(h.build(id).num_subjobs, 4);
     let D::Setup(setup) = s.next().expect("setup") else {
         panic!("expected Setup")
@@ -312,15 +343,7 @@ async fn max_executors_and_per_slave_caps_hold() {
         assert!(matches!(prep.next(), Some(D::Prepare(_))));
     }
     let prep_id = prep.id;
-    h.core.handle(Command::FromSlave(
-        prep_id,
-        Up::Prepared(proto::PrepareResult {
-            build_id: id,
-            job: Some(job(3, 2)),
-            atoms: atoms(10),
-            ..Default::default()
-        }),
-    ));
+    h.prepared_from(prep_id, id, job(3, 2), atoms(10)).await;
     // Both slaves are set up (cap 2 each covers max_executors 3).
     let mut setups = 0;
     for s in [&mut *prep, &mut *other] {
@@ -367,7 +390,7 @@ async fn a_lost_slave_requeues_only_unreported_atoms_and_late_results_are_ignore
     let mut a = h.slave("a", 1);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(a.next(), Some(D::Prepare(_))));
-    h.prepared(&a, id, job(0, 0), atoms(2));
+    h.prepared(&a, id, job(0, 0), atoms(2)).await;
     assert!(matches!(a.next(), Some(D::Setup(_))));
     h.setup_ok(&a, id);
     let r = run_subjobs(&a.all()).pop().expect("dispatched");
@@ -437,7 +460,7 @@ async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
     let mut a = h.slave("a", 1);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(a.next(), Some(D::Prepare(_))));
-    h.prepared(&a, id, job(1, 0), atoms(3));
+    h.prepared(&a, id, job(1, 0), atoms(3)).await;
     assert_eq!(h.build(id).num_subjobs, 2);
     assert!(matches!(a.next(), Some(D::Setup(_))));
     h.setup_ok(&a, id);
@@ -474,7 +497,7 @@ async fn cancel_kills_running_work_and_tears_down() {
     let mut s = h.slave("s", 2);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
-    h.prepared(&s, id, job(0, 0), atoms(4));
+    h.prepared(&s, id, job(0, 0), atoms(4)).await;
     assert!(matches!(s.next(), Some(D::Setup(_))));
     h.setup_ok(&s, id);
     let runs = run_subjobs(&s.all());
@@ -530,7 +553,7 @@ async fn failing_setup_errors_the_build_but_keeps_the_slave() {
     let mut s = h.slave("s", 2);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
-    h.prepared(&s, id, job(0, 0), atoms(2));
+    h.prepared(&s, id, job(0, 0), atoms(2)).await;
     assert!(matches!(s.next(), Some(D::Setup(_))));
     h.from(
         &s,
@@ -569,15 +592,7 @@ async fn setup_failure_on_one_slave_moves_work_to_another() {
         (&mut b, &mut a)
     };
     let pid = p.id;
-    h.core.handle(Command::FromSlave(
-        pid,
-        Up::Prepared(proto::PrepareResult {
-            build_id: id,
-            job: Some(job(0, 0)),
-            atoms: atoms(2),
-            ..Default::default()
-        }),
-    ));
+    h.prepared_from(pid, id, job(0, 0), atoms(2)).await;
     // Both get set up (2 subjobs, 1 executor each).
     assert!(matches!(p.next(), Some(D::Setup(_))));
     assert!(matches!(q.next(), Some(D::Setup(_))));
@@ -645,7 +660,7 @@ async fn the_second_build_is_grouped_by_recorded_times() {
     for round in 0..2 {
         let id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
-        h.prepared(&s, id, job(2, 0), atoms(10));
+        h.prepared(&s, id, job(2, 0), atoms(10)).await;
         let subjobs = h
             .call(|reply| Command::ListSubjobs {
                 build: id,
@@ -816,7 +831,7 @@ async fn builds_resume_after_a_restart() {
         let mut s = h.slave("s", 1);
         id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
-        h.prepared(&s, id, job(0, 0), atoms(2));
+        h.prepared(&s, id, job(0, 0), atoms(2)).await;
         assert!(matches!(s.next(), Some(D::Setup(_))));
         h.setup_ok(&s, id);
         let r = run_subjobs(&s.all()).pop().unwrap();
@@ -856,7 +871,7 @@ async fn a_restarted_master_adopts_work_a_slave_kept_running() {
         let mut s = h.slave("s", 2);
         id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
-        h.prepared(&s, id, job(0, 0), atoms(3));
+        h.prepared(&s, id, job(0, 0), atoms(3)).await;
         assert!(matches!(s.next(), Some(D::Setup(_))));
         h.setup_ok(&s, id);
         let runs = run_subjobs(&s.all());
@@ -953,7 +968,7 @@ async fn unwanted_reported_work_is_dropped() {
     let mut a = h.slave("a", 1);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(a.next(), Some(D::Prepare(_))));
-    h.prepared(&a, id, job(0, 0), atoms(1));
+    h.prepared(&a, id, job(0, 0), atoms(1)).await;
     assert!(matches!(a.next(), Some(D::Setup(_))));
     h.setup_ok(&a, id);
     let r = run_subjobs(&a.all()).pop().unwrap();
@@ -1030,7 +1045,7 @@ async fn subjob_acks_wait_for_the_flush() {
     let mut s = h.slave("s", 1);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
-    h.prepared(&s, id, job(0, 0), atoms(1));
+    h.prepared(&s, id, job(0, 0), atoms(1)).await;
     assert!(matches!(s.next(), Some(D::Setup(_))));
     h.setup_ok(&s, id);
     let r = run_subjobs(&s.all()).pop().unwrap();
@@ -1060,7 +1075,7 @@ async fn lost_subjobs_are_retried_up_to_the_budget() {
         let mut s = h.slave("s0", 1);
         let id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
-        h.prepared(&s, id, job(0, 0), atoms(1));
+        h.prepared(&s, id, job(0, 0), atoms(1)).await;
         h.core.handle(Command::SlaveDisconnected(s.id));
         id
     };
