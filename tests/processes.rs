@@ -162,9 +162,15 @@ impl Cluster {
     }
 
     fn start_slave(&mut self, i: usize, executors: u32) {
+        let p = self.spawn_slave(i, executors, &format!("slave-{i}"));
+        self.slaves.push(p);
+    }
+
+    /// A slave process named `slave-<i>` (its log in `<log>.log`).
+    fn spawn_slave(&self, i: usize, executors: u32, log: &str) -> Proc {
         let data = self.dir.path().join(format!("slave-{i}"));
-        let p = Proc::spawn(
-            &format!("slave-{i}"),
+        Proc::spawn(
+            log,
             &[
                 "slave",
                 "--master",
@@ -178,8 +184,7 @@ impl Cluster {
             ],
             &self.secret,
             self.dir.path(),
-        );
-        self.slaves.push(p);
+        )
     }
 
     async fn clients(&self) -> (ish_cli::local::BuildsClient, ish_cli::local::ClusterClient) {
@@ -1006,4 +1011,240 @@ async fn the_gateway_answers_503_while_the_master_restarts() {
 
 async fn get_build_state(b: &mut ish_cli::local::BuildsClient, id: u64) -> proto::BuildState {
     state(&get(b, id).await)
+}
+
+/// What the load test saw.
+#[derive(Default)]
+struct LoadStats {
+    accepted: Vec<u64>,
+    submit_latency: Vec<Duration>,
+    poll_latency: Vec<Duration>,
+    /// (when, method, status or 0 for a transport error)
+    failures: Vec<(Instant, &'static str, u16)>,
+    finished: Vec<(u64, String)>,
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize].as_secs_f64() * 1e3
+}
+
+/// 50 clients submit builds through the gateway and poll them for 60 s (ISH_LOAD_SECONDS) while
+/// a slave is killed and restarted twice and the master once: no build is lost or duplicated,
+/// every accepted build finishes, and no 5xx is seen outside the master's restart window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_50_clients_through_slave_and_master_failures() {
+    use std::sync::{Arc, Mutex};
+    let seconds: u64 = std::env::var("ISH_LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let mut c = Cluster::start_with(3, 2, "resume_grace_ms = 2000\n").await;
+    let (gw, mut gw_proc) = c.start_gateway();
+    let project = project_with(
+        "L:\n  commands: ['echo $V > $ARTIFACT_DIR/v']\n  atomizers: [{V: 'seq 2'}]\n",
+    );
+    let body = serde_json::to_vec(&serde_json::json!({
+        "type": "directory",
+        "project_directory": project.path().display().to_string(),
+    }))
+    .unwrap();
+    let digest = ish_core::auth::digest(&c.secret, &body);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let stats = Arc::new(Mutex::new(LoadStats::default()));
+    let start = Instant::now();
+    let stop_submitting = start + Duration::from_secs(seconds);
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        let (http, gw, body, digest, stats) = (
+            http.clone(),
+            gw.clone(),
+            body.clone(),
+            digest.clone(),
+            stats.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            while Instant::now() < stop_submitting {
+                let t0 = Instant::now();
+                let r = http
+                    .post(format!("{gw}/v1/build"))
+                    .header("Clusterrunner-Message-Authentication-Digest", &digest)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                let id = match r {
+                    Ok(r) if r.status().as_u16() == 202 => {
+                        let v: serde_json::Value = r.json().await.unwrap();
+                        let id = v["build_id"].as_u64().unwrap();
+                        let mut s = stats.lock().unwrap();
+                        s.accepted.push(id);
+                        s.submit_latency.push(t0.elapsed());
+                        id
+                    }
+                    Ok(r) => {
+                        stats.lock().unwrap().failures.push((
+                            Instant::now(),
+                            "POST",
+                            r.status().as_u16(),
+                        ));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        stats
+                            .lock()
+                            .unwrap()
+                            .failures
+                            .push((Instant::now(), "POST", 0));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Poll until the build ends (bounded).
+                let give_up = Instant::now() + Duration::from_secs(120);
+                loop {
+                    assert!(Instant::now() < give_up, "build {id} never ended");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let t0 = Instant::now();
+                    match http.get(format!("{gw}/v1/build/{id}")).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let v: serde_json::Value = r.json().await.unwrap();
+                            stats.lock().unwrap().poll_latency.push(t0.elapsed());
+                            let st = v["build"]["status"].as_str().unwrap_or("").to_string();
+                            if matches!(st.as_str(), "FINISHED" | "ERROR" | "CANCELED") {
+                                let res = v["build"]["result"].as_str().unwrap_or("").to_string();
+                                stats
+                                    .lock()
+                                    .unwrap()
+                                    .finished
+                                    .push((id, format!("{st}/{res}")));
+                                break;
+                            }
+                        }
+                        Ok(r) => stats.lock().unwrap().failures.push((
+                            Instant::now(),
+                            "GET",
+                            r.status().as_u16(),
+                        )),
+                        Err(_) => stats
+                            .lock()
+                            .unwrap()
+                            .failures
+                            .push((Instant::now(), "GET", 0)),
+                    }
+                }
+            }
+        }));
+    }
+    // Chaos, at fixed fractions of the run.
+    let at = |f: f64| start + Duration::from_secs_f64(seconds as f64 * f);
+    let sleep_until = |t: Instant| tokio::time::sleep_until(t.into());
+    sleep_until(at(0.15)).await;
+    kill(c.slaves[0].pid(), Signal::SIGKILL).unwrap();
+    c.slaves[0].wait_exit(Duration::from_secs(5));
+    sleep_until(at(0.25)).await;
+    c.slaves[0] = c.spawn_slave(0, 2, "slave-0-b");
+    sleep_until(at(0.4)).await;
+    let master_down = Instant::now();
+    c.crash_and_restart_master(Duration::from_secs(1));
+    let master_up = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http.get(format!("{gw}/v1/build")).send().await
+                && r.status().is_success()
+            {
+                break Instant::now();
+            }
+            assert!(Instant::now() < deadline, "the master did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    sleep_until(at(0.6)).await;
+    kill(c.slaves[1].pid(), Signal::SIGKILL).unwrap();
+    c.slaves[1].wait_exit(Duration::from_secs(5));
+    sleep_until(at(0.7)).await;
+    c.slaves[1] = c.spawn_slave(1, 2, "slave-1-b");
+    for t in clients {
+        t.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let mut s = Arc::try_unwrap(stats).ok().unwrap().into_inner().unwrap();
+    // No duplicates, nothing lost: every accepted build ended, and finished without failures.
+    let mut ids = s.accepted.clone();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        s.accepted.len(),
+        "a build id was handed out twice"
+    );
+    assert_eq!(
+        s.finished.len(),
+        s.accepted.len(),
+        "some accepted builds never ended"
+    );
+    let bad: Vec<&(u64, String)> = s
+        .finished
+        .iter()
+        .filter(|(_, r)| r != "FINISHED/NO_FAILURES")
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "builds that did not finish cleanly: {bad:?}"
+    );
+    // The master knows exactly the accepted builds, plus at most the POSTs cut off by its crash.
+    let (mut b, _) = c.clients().await;
+    let total = b
+        .list(proto::ListBuildsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .total as usize;
+    let window = |t: &Instant| *t >= master_down && *t <= master_up + Duration::from_secs(1);
+    let cut_posts = s
+        .failures
+        .iter()
+        .filter(|(t, m, _)| *m == "POST" && window(t))
+        .count();
+    assert!(
+        total >= s.accepted.len() && total <= s.accepted.len() + cut_posts,
+        "master has {total} builds, {} accepted, {cut_posts} submissions cut by the restart",
+        s.accepted.len()
+    );
+    // Errors only while the master was down.
+    let outside: Vec<&(Instant, &str, u16)> =
+        s.failures.iter().filter(|(t, _, _)| !window(t)).collect();
+    assert!(
+        outside.is_empty(),
+        "{} failures outside the master's restart window: {:?}",
+        outside.len(),
+        outside
+            .iter()
+            .map(|(t, m, c)| (t.duration_since(start), *m, *c))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "load: {} builds in {:.1} s = {:.1} builds/s; POST p50 {:.1} ms p99 {:.1} ms; GET p50 {:.1} ms p99 {:.1} ms; {} requests refused during the {:.1} s master restart window",
+        s.accepted.len(),
+        elapsed.as_secs_f64(),
+        s.accepted.len() as f64 / elapsed.as_secs_f64(),
+        percentile(&mut s.submit_latency, 50.0),
+        percentile(&mut s.submit_latency, 99.0),
+        percentile(&mut s.poll_latency, 50.0),
+        percentile(&mut s.poll_latency, 99.0),
+        s.failures.len(),
+        (master_up - master_down).as_secs_f64() + 1.0,
+    );
+    assert_eq!(
+        gw_proc.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10)),
+        Some(0)
+    );
+    c.stop();
 }
