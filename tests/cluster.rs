@@ -1162,3 +1162,74 @@ async fn a_full_disk_on_the_master_fails_the_build_and_keeps_what_was_stored() {
     );
     c.shutdown().await.unwrap();
 }
+
+/// A slave whose disk is full fails the build it cannot fetch with a clear error, stays
+/// connected, and runs the next build that fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_on_a_slave_fails_the_build_and_the_slave_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let slave_dir = dir.path().join("slave-0");
+    std::fs::create_dir_all(&slave_dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&slave_dir)
+        .status()
+        .expect("mount runs");
+    assert!(
+        mounted.success(),
+        "this test needs root to mount a small tmpfs as the slave's disk"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(slave_dir);
+    let c = LocalCluster::start(LocalOptions::new(dir.path().to_path_buf(), 1, 1))
+        .await
+        .unwrap();
+    let (mut b, mut cl) = c.clients().await.unwrap();
+    // A repository with 3 MB of content does not fit in the slave's 2 MB.
+    let repo = Repo::new();
+    let big: String = (0..300_000u64)
+        .map(|i| format!("{:09}\n", i * 7919 % 1_000_003))
+        .collect();
+    repo.commit(
+        &[
+            (
+                "clusterrunner.yaml",
+                "B:\n  commands: ['true']\n  atomizers: [{V: 'seq 2'}]\n",
+            ),
+            ("big.txt", &big),
+        ],
+        "big",
+    );
+    let id = submit(&mut b, git_request(&repo.url(), "", "")).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Error);
+    assert!(
+        build.error_message.to_lowercase().contains("space"),
+        "the reason names the full disk: {}",
+        build.error_message
+    );
+    assert_eq!(
+        cl.list_slaves(proto::ListSlavesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .slaves
+            .len(),
+        1
+    );
+    let small = project_with("S:\n  commands: ['true']\n  atomizers: [{V: 'seq 2'}]\n");
+    let id = submit(&mut b, dir_request(small.path())).await;
+    assert_eq!(
+        wait_final(&mut b, id).await.result,
+        proto::BuildResult::NoFailures as i32
+    );
+    c.shutdown().await.unwrap();
+}

@@ -1248,3 +1248,70 @@ async fn load_50_clients_through_slave_and_master_failures() {
     );
     c.stop();
 }
+
+/// With real binaries: a slave whose setup fails is kept out of that build (the other slave runs
+/// everything) and stays connected; an atom over its timeout is killed and recorded; an atom that
+/// fails once is rerun and reported flaky; a build over its timeout ends in ERROR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_exclusion_timeouts_and_flaky_atoms_with_real_binaries() {
+    let c = Cluster::start(2, 2).await;
+    let marker = tempfile::tempdir().unwrap();
+    let m = marker.path().display().to_string();
+    let project = project_with(&format!(
+        "X:\n  retries: 1\n  atom_timeout: 2\n  setup_build: ['test \"$ISH_SLAVE_NAME\" != slave-1']\n  commands: ['echo $V > $ARTIFACT_DIR/v', 'if [ $V = slow ]; then sleep 30; fi', 'if [ $V = flaky ] && [ ! -f {m}/once ]; then touch {m}/once; exit 1; fi']\n  atomizers: [{{V: 'printf \"a\\nb\\nflaky\\nslow\\nc\\nd\\n\"'}}]\n"
+    ));
+    let (mut b, mut cl) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(
+        (build.failed_atom_count, build.flaky_atom_count),
+        (1, 1),
+        "{build:#?}"
+    );
+    let atoms: Vec<proto::Atom> = subjobs(&mut b, id)
+        .await
+        .into_iter()
+        .flat_map(|s| s.atoms)
+        .collect();
+    assert!(
+        atoms.iter().all(|a| a.slave == "slave-0"),
+        "slave-1 failed setup and got no atom"
+    );
+    let slow = atoms
+        .iter()
+        .find(|a| a.command_string.contains("slow"))
+        .unwrap();
+    assert!(slow.timed_out && slow.tries == 2, "{slow:?}");
+    let flaky = atoms
+        .iter()
+        .find(|a| a.command_string.contains("flaky"))
+        .unwrap();
+    assert!(
+        flaky.flaky && flaky.tries == 2 && flaky.exit_code == Some(0),
+        "{flaky:?}"
+    );
+    assert_eq!(
+        cl.list_slaves(proto::ListSlavesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .slaves
+            .len(),
+        2
+    );
+    // A build over its build_timeout.
+    write_job(
+        project.path(),
+        "Y:\n  build_timeout: 2\n  commands: ['sleep 30']\n  atomizers: [{V: 'seq 2'}]\n",
+    );
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Error);
+    assert!(
+        build.error_message.contains("build_timeout of 2 s"),
+        "{}",
+        build.error_message
+    );
+    c.stop();
+}
