@@ -32,6 +32,10 @@ pub struct BuildJson {
     pub state_timestamps: StateTimestamps,
     /// URL of `artifacts.zip` once it exists.
     pub artifacts: Option<String>,
+    /// Ish CD extension: atoms that failed, then passed on a retry (job `retries`). Only
+    /// present when there are some, so ClusterRunner's shape is unchanged otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flaky_atoms: Vec<AtomJson>,
 }
 
 /// `state_timestamps`: every state, ordered by time with the states never entered (null) last.
@@ -65,6 +69,19 @@ pub struct AtomJson {
     pub exit_code: Option<i32>,
     /// NOT_STARTED, IN_PROGRESS or COMPLETED.
     pub state: &'static str,
+    /// Ish CD extension: runs made (only present when more than one: job `retries`).
+    #[serde(skip_serializing_if = "tries_is_default")]
+    pub tries: u32,
+    /// Ish CD extension: failed, then passed on a retry (only present when true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub flaky: bool,
+    /// Ish CD extension: killed for exceeding the job's atom_timeout (only present when true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+}
+
+fn tries_is_default(t: &u32) -> bool {
+    *t <= 1
 }
 
 /// A subjob (spec §4.3).
@@ -196,6 +213,7 @@ pub fn build(b: &proto::Build, artifacts_base: &str) -> BuildJson {
         artifacts: b
             .artifacts_ready
             .then(|| format!("{artifacts_base}/v1/build/{}/artifacts.zip", b.id)),
+        flaky_atoms: b.flaky_atoms.iter().map(atom).collect(),
     }
 }
 
@@ -238,6 +256,9 @@ pub fn atom(a: &proto::Atom) -> AtomJson {
             S::InProgress => "IN_PROGRESS",
             S::Completed => "COMPLETED",
         },
+        tries: a.tries,
+        flaky: a.flaky,
+        timed_out: a.timed_out,
     }
 }
 
@@ -454,5 +475,25 @@ mod tests {
             json!({"__id__": 3, "__tag__": "BUILD_REQUEST_QUEUED", "__timestamp__": 5.5,
                    "build_id": 1})
         );
+    }
+
+    #[test]
+    fn flaky_and_timed_out_atoms_are_extensions_shown_only_when_set() {
+        let mut b = sample(S::Finished);
+        let plain = serde_json::to_value(build(&b, "")).unwrap();
+        assert!(plain.get("flaky_atoms").is_none());
+        b.flaky_atoms = vec![proto::Atom {
+            id: 1,
+            command_string: "export T=\"x\";".into(),
+            exit_code: Some(0),
+            tries: 2,
+            flaky: true,
+            state: proto::AtomState::Completed as i32,
+            ..Default::default()
+        }];
+        let j = serde_json::to_value(build(&b, "")).unwrap();
+        assert_eq!(j["flaky_atoms"][0]["tries"], 2);
+        assert_eq!(j["flaky_atoms"][0]["flaky"], true);
+        assert!(j["flaky_atoms"][0].get("timed_out").is_none());
     }
 }

@@ -269,6 +269,8 @@ struct Build {
     artifact_bytes: u64,
     /// Its subjobs and atoms are on disk: dispatching may start.
     grouping_durable: bool,
+    /// Slaves that failed to get the project (not asked to prepare it again).
+    prepare_excluded: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -567,6 +569,7 @@ impl Build {
             recovered: false,
             artifact_bytes: 0,
             grouping_durable: false,
+            prepare_excluded: BTreeSet::new(),
         }
     }
 
@@ -1740,8 +1743,20 @@ impl Core {
             return;
         };
         if !ok {
-            tracing::info!(build = id, error = %r.error, "preparation failed");
-            self.end_build(id, BuildEvent::Fail, r.error);
+            tracing::info!(build = id, error = %r.error, retryable = r.retryable, "preparation failed");
+            b.prepare_excluded.insert(sid);
+            b.prepare_attempts += 1;
+            let excluded = b.prepare_excluded.clone();
+            let others = self.slaves.keys().any(|s| !excluded.contains(s));
+            let b = self.builds.get_mut(&id).expect("checked above");
+            if r.retryable && others && b.prepare_attempts < self.cfg.max_prepare_attempts {
+                // Another slave may fetch what this one could not.
+                b.transition(BuildEvent::Requeue);
+                self.persist(id);
+                self.notify(id);
+            } else {
+                self.end_build(id, BuildEvent::Fail, r.error);
+            }
             return;
         }
         if r.atoms.len() > self.cfg.max_atoms_per_build {
@@ -2315,7 +2330,8 @@ impl Core {
     }
 
     fn start_prepare(&mut self, id: u64) {
-        let Some(sid) = self.pick_slave(|_| true) else {
+        let excluded = self.builds[&id].prepare_excluded.clone();
+        let Some(sid) = self.pick_slave(|s| !excluded.contains(&s.id)) else {
             return;
         };
         let b = self.builds.get_mut(&id).expect("active build");

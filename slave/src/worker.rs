@@ -384,7 +384,9 @@ impl Worker {
         let ws = match self.materialize(b, p.project.unwrap_or_default()).await {
             Ok(ws) => ws,
             Err(e) => {
+                // Getting the project is infrastructure: another slave may manage.
                 result.error = e;
+                result.retryable = true;
                 return result;
             }
         };

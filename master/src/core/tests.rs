@@ -1094,3 +1094,44 @@ async fn lost_subjobs_are_retried_up_to_the_budget() {
         b.error_message
     );
 }
+
+/// A slave that cannot get the project (fetch, disk) hands the preparation to another slave; a
+/// config error is the project's and ends the build at once.
+#[tokio::test]
+async fn a_failed_fetch_is_retried_on_another_slave() {
+    let mut h = Harness::new();
+    let mut a = h.slave("a", 1);
+    let mut b = h.slave("b", 1);
+    let id = h.submit(dir_request(CONFIG)).await;
+    let (first, mut second) = if matches!(a.next(), Some(D::Prepare(_))) {
+        (a, b)
+    } else {
+        assert!(matches!(b.next(), Some(D::Prepare(_))));
+        (b, a)
+    };
+    h.from(
+        &first,
+        Up::Prepared(proto::PrepareResult {
+            build_id: id,
+            error: "failed to fetch https://x: No space left on device".into(),
+            retryable: true,
+            ..Default::default()
+        }),
+    );
+    assert!(
+        matches!(second.next(), Some(D::Prepare(_))),
+        "the other slave prepares it"
+    );
+    assert_eq!(state(&h.build(id)), proto::BuildState::Preparing);
+    h.from(
+        &second,
+        Up::Prepared(proto::PrepareResult {
+            build_id: id,
+            error: "No jobs found in the config.".into(),
+            ..Default::default()
+        }),
+    );
+    let b = h.build(id);
+    assert_eq!(state(&b), proto::BuildState::Error);
+    assert_eq!(b.error_message, "No jobs found in the config.");
+}
