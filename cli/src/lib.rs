@@ -8,6 +8,7 @@
 //! - [`client`]: the client verbs (`ish build`); [`rest_client`] is the same build through a
 //!   gateway's ClusterRunner REST API.
 pub mod bench;
+pub mod bench_suite;
 pub mod client;
 pub mod local;
 pub mod rest_client;

@@ -56,6 +56,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// The dispatch engine's benchmarks (B1–B5, see docs/benchmarks.md), or some of them.
+    Suite {
+        /// Which to run (b1..b5); all when none is given.
+        only: Vec<String>,
+        /// Small numbers: a smoke test of correctness, not of speed.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -399,6 +407,28 @@ async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
             ish_cli::bench::print_table(&samples);
             let errors: usize = samples.iter().map(|s| s.errors).sum();
             Ok(if errors == 0 { 0 } else { 1 })
+        }
+        BenchCmd::Suite { only, quick } => {
+            use ish_cli::bench_suite as b;
+            let cpus = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0);
+            println!(
+                "ish bench suite{}: {cpus} CPUs, 127.0.0.1\n",
+                if quick { " --quick" } else { "" }
+            );
+            let scale = b::Scale { quick };
+            let want =
+                |name: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(name));
+            let mut rows = Vec::new();
+            if want("b1") {
+                rows.extend(b::b1(scale).await?);
+            }
+            if want("b5") {
+                rows.extend(b::b5(scale).await?);
+            }
+            b::print_rows(&rows);
+            Ok(0)
         }
     }
 }

@@ -105,7 +105,36 @@ pub fn write_archives(
     artifact_dirs: &[String],
     failures: &[String],
 ) -> io::Result<()> {
-    validate_artifact_dirs(artifact_dirs)?;
+    let dirs: Vec<ArtifactDir> = artifact_dirs
+        .iter()
+        .map(|name| ArtifactDir {
+            name: name.clone(),
+            generated: Vec::new(),
+        })
+        .collect();
+    write_archives_from(results_dir, &dirs, failures)
+}
+
+/// One artifact directory of the archives: what is on disk under `results_dir/<name>` (if
+/// anything), plus files generated in memory (the per-atom bookkeeping files), which replace
+/// files of the same name on disk. Generating them saves creating four files per atom on the
+/// master, most of which hold a few bytes.
+#[derive(Debug, Clone, Default)]
+pub struct ArtifactDir {
+    /// `artifact_<s>_<a>`.
+    pub name: String,
+    /// Top-level files of the directory given as content: (file name, bytes).
+    pub generated: Vec<(String, Vec<u8>)>,
+}
+
+/// [`write_archives`] with generated files (see [`ArtifactDir`]).
+pub fn write_archives_from(
+    results_dir: &Path,
+    artifact_dirs: &[ArtifactDir],
+    failures: &[String],
+) -> io::Result<()> {
+    let names: Vec<String> = artifact_dirs.iter().map(|d| d.name.clone()).collect();
+    validate_artifact_dirs(&names)?;
     if let Some(bad) = failures.iter().find(|f| f.contains('\n')) {
         return Err(invalid_input(format!(
             "failure name {bad:?} contains a newline"
@@ -113,8 +142,8 @@ pub fn write_archives(
     }
 
     let mut entries = Vec::new();
-    for name in artifact_dirs {
-        collect_artifact_dir(results_dir, name, &mut entries)?;
+    for dir in artifact_dirs {
+        collect_artifact_dir(results_dir, dir, &mut entries)?;
     }
 
     let failures_path = results_dir.join(FAILURES_NAME);
@@ -188,6 +217,8 @@ struct Entry {
     /// Identity of the file when it was listed, to detect it being swapped
     /// (e.g. for a symlink) before it is read.
     identity: Option<(u64, u64)>,
+    /// Content of a generated file (not on disk).
+    content: Option<Vec<u8>>,
 }
 
 impl Entry {
@@ -198,6 +229,18 @@ impl Entry {
             kind: Kind::Dir,
             mode: permission_bits(meta, true),
             identity: None,
+            content: None,
+        }
+    }
+
+    fn generated(rel: Vec<u8>, content: Vec<u8>) -> Self {
+        Self {
+            rel,
+            path: PathBuf::new(),
+            kind: Kind::File,
+            mode: 0o644,
+            identity: None,
+            content: Some(content),
         }
     }
 
@@ -208,6 +251,7 @@ impl Entry {
             kind: Kind::File,
             mode: permission_bits(meta, false),
             identity: identity(meta),
+            content: None,
         }
     }
 }
@@ -256,23 +300,74 @@ fn join_rel(parent: &[u8], name: &OsStr) -> Vec<u8> {
     rel
 }
 
-/// Lists one artifact directory (itself first, then its tree).
+/// Lists one artifact directory (itself first, then its tree), with its generated files in
+/// name order among the top-level entries (replacing files of the same name on disk).
 fn collect_artifact_dir(
     results_dir: &Path,
-    name: &str,
+    dir: &ArtifactDir,
     entries: &mut Vec<Entry>,
 ) -> io::Result<()> {
+    let name = &dir.name;
     let root = results_dir.join(name);
     let meta = match fs::symlink_metadata(&root) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Ok(meta) if meta.file_type().is_dir() => Some(meta),
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
-    if !meta.file_type().is_dir() {
+    if meta.is_none() && dir.generated.is_empty() {
         return Ok(());
     }
-    entries.push(Entry::dir(name.as_bytes().to_vec(), root.clone(), &meta));
-    list_tree(&root, name.as_bytes(), entries)
+    match &meta {
+        Some(meta) => entries.push(Entry::dir(name.as_bytes().to_vec(), root.clone(), meta)),
+        None => entries.push(Entry {
+            rel: name.as_bytes().to_vec(),
+            path: root.clone(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            identity: None,
+            content: None,
+        }),
+    }
+    let mut on_disk = Vec::new();
+    if meta.is_some() {
+        list_tree(&root, name.as_bytes(), &mut on_disk)?;
+    }
+    if dir.generated.is_empty() {
+        entries.extend(on_disk);
+        return Ok(());
+    }
+    // Group the on-disk listing by top-level child (a child and its subtree stay together),
+    // drop the children that a generated file replaces, then merge by name.
+    let top = |rel: &[u8]| -> Vec<u8> {
+        let rest = &rel[name.len() + 1..];
+        rest.split(|&b| b == b'/')
+            .next()
+            .unwrap_or_default()
+            .to_vec()
+    };
+    let mut blocks: Vec<(Vec<u8>, Vec<Entry>)> = Vec::new();
+    for e in on_disk {
+        let child = top(&e.rel);
+        match blocks.last_mut() {
+            Some((c, block)) if *c == child => block.push(e),
+            _ => blocks.push((child, vec![e])),
+        }
+    }
+    let generated: HashSet<&[u8]> = dir.generated.iter().map(|(n, _)| n.as_bytes()).collect();
+    blocks.retain(|(child, _)| !generated.contains(child.as_slice()));
+    for (file, content) in &dir.generated {
+        let mut rel = name.as_bytes().to_vec();
+        rel.push(b'/');
+        rel.extend_from_slice(file.as_bytes());
+        blocks.push((
+            file.as_bytes().to_vec(),
+            vec![Entry::generated(rel, content.clone())],
+        ));
+    }
+    blocks.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.extend(blocks.into_iter().flat_map(|(_, b)| b));
+    Ok(())
 }
 
 /// Depth-first, name-sorted listing of everything below `dir` (excluding
@@ -451,17 +546,27 @@ fn write_tar_gz(file: &mut File, root_mode: u32, entries: &[Entry]) -> io::Resul
                     io::empty(),
                 )?;
             }
-            Kind::File => {
-                let (file, len) = open_file(entry)?;
-                append_tar(
+            Kind::File => match &entry.content {
+                Some(content) => append_tar(
                     &mut tar,
                     &name,
                     tar::EntryType::Regular,
                     entry.mode,
-                    len,
-                    ExactReader::new(file, len, &entry.path),
-                )?;
-            }
+                    content.len() as u64,
+                    content.as_slice(),
+                )?,
+                None => {
+                    let (file, len) = open_file(entry)?;
+                    append_tar(
+                        &mut tar,
+                        &name,
+                        tar::EntryType::Regular,
+                        entry.mode,
+                        len,
+                        ExactReader::new(file, len, &entry.path),
+                    )?;
+                }
+            },
         }
     }
     let gz = tar.into_inner()?;
@@ -514,6 +619,17 @@ fn append_tar<W: Write>(
 fn write_zip(file: &mut File, entries: &[Entry]) -> io::Result<()> {
     let mut zip = zip::ZipWriter::new(BufWriter::new(file));
     for entry in entries.iter().filter(|e| e.kind == Kind::File) {
+        if let Some(content) = &entry.content {
+            let options = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .compression_level(Some(i64::from(DEFLATE_LEVEL)))
+                .last_modified_time(zip::DateTime::DEFAULT)
+                .unix_permissions(entry.mode)
+                .system(zip::System::Unix);
+            zip.start_file_with_options(options.name(&entry.rel))?;
+            zip.write_all(content)?;
+            continue;
+        }
         let (file, len) = open_file(entry)?;
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated)

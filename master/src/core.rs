@@ -36,8 +36,8 @@ pub type Reply<T> = oneshot::Sender<Result<T>>;
 pub struct ConsoleLocation {
     /// The console file (may not exist yet while the atom has printed nothing).
     pub path: PathBuf,
-    /// Where the file is until the results queue has moved it to `path` (completed atoms only).
-    pub pending: Option<PathBuf>,
+    /// Where the file may be until the results queue has moved it to `path` (completed atoms).
+    pub pending: Vec<PathBuf>,
     /// True once the atom's result is recorded: the file will not grow any more.
     pub complete: bool,
 }
@@ -672,16 +672,29 @@ impl Build {
     }
 
     /// Artifact directory names of every atom, and of the failed ones, in (subjob, atom) order.
-    fn artifact_dirs(&self) -> (Vec<String>, Vec<String>) {
+    /// Every atom's artifact directory with its bookkeeping files (generated, not stored per
+    /// atom), and the names of the failed atoms' directories, in (subjob, atom) order.
+    fn artifact_dirs(&self) -> (Vec<crate::archive::ArtifactDir>, Vec<String>) {
+        let commands = self
+            .job
+            .as_ref()
+            .map(|j| j.commands.as_str())
+            .unwrap_or_default();
         let mut all = Vec::with_capacity(self.num_atoms as usize);
         let mut failed = Vec::new();
         for (sid, s) in self.subjobs.iter().enumerate() {
             for a in &s.atoms {
                 let name = crate::archive::artifact_dir_name(sid as u32, a.id);
-                if a.exit_code.is_some_and(|c| c != 0) {
+                let exit_code = a.exit_code.unwrap_or(-1);
+                if exit_code != 0 {
                     failed.push(name.clone());
                 }
-                all.push(name);
+                let generated = crate::results::atom_files(
+                    &jobconfig::atom_command(&a.command_string, commands),
+                    exit_code,
+                    a.actual_time.unwrap_or_default(),
+                );
+                all.push(crate::archive::ArtifactDir { name, generated });
             }
         }
         (all, failed)
@@ -820,21 +833,13 @@ impl Core {
             if !b.state.is_final() {
                 // A result may have been stored just before the crash, before its files were
                 // moved into place: promotion is idempotent, so redo it for every result.
-                let commands = b
-                    .job
-                    .as_ref()
-                    .map(|j| j.commands.clone())
-                    .unwrap_or_default();
                 for a in b.subjobs.iter().flat_map(|s| &s.atoms) {
-                    if let (Some(exit_code), true) = (a.exit_code, a.attempt > 0) {
+                    if a.exit_code.is_some() && a.attempt > 0 {
                         let _ = self.results.send(ResultsJob::Promote {
                             build: id,
                             attempt: a.attempt,
                             subjob: a.subjob_id,
                             atom: a.id,
-                            command: jobconfig::atom_command(&a.command_string, &commands),
-                            exit_code,
-                            seconds: a.actual_time.unwrap_or_default(),
                         });
                     }
                 }
@@ -1359,11 +1364,17 @@ impl Core {
             .get(atom as usize)
             .ok_or_else(|| MasterError::NotFound("Invalid atom id.".into()))?;
         if a.exit_code.is_some() {
-            let pending = (a.attempt > 0).then(|| {
-                self.layout
-                    .attempt_atom_dir(id, a.attempt, subjob, atom)
-                    .join(CONSOLE_FILE)
-            });
+            // Until promoted, the console is the attempt's uploaded one or what streamed in.
+            let pending = if a.attempt > 0 {
+                vec![
+                    self.layout
+                        .attempt_atom_dir(id, a.attempt, subjob, atom)
+                        .join(CONSOLE_FILE),
+                    self.layout.live_console(id, a.attempt, subjob, atom),
+                ]
+            } else {
+                Vec::new()
+            };
             return Ok(ConsoleLocation {
                 path: self.layout.atom_dir(id, subjob, atom).join(CONSOLE_FILE),
                 pending,
@@ -1373,7 +1384,7 @@ impl Core {
         match s.running {
             Some(attempt) if !b.state.is_final() => Ok(ConsoleLocation {
                 path: self.layout.live_console(id, attempt, subjob, atom),
-                pending: None,
+                pending: Vec::new(),
                 complete: false,
             }),
             _ => Err(MasterError::NotFound(format!(
@@ -1934,11 +1945,6 @@ impl Core {
         if b.state.is_final() {
             return;
         }
-        let commands = b
-            .job
-            .as_ref()
-            .map(|j| j.commands.clone())
-            .unwrap_or_default();
         let Some(a) = b
             .subjobs
             .get_mut(r.subjob_id as usize)
@@ -1983,9 +1989,6 @@ impl Core {
             attempt: r.attempt,
             subjob: r.subjob_id,
             atom: r.atom_id,
-            command: jobconfig::atom_command(&atom.command_string, &commands),
-            exit_code: r.exit_code,
-            seconds: r.seconds,
         });
         self.notify(r.build_id);
     }

@@ -312,25 +312,13 @@ impl BuildsService {
 /// Reads an atom's console from `offset`, wherever it is right now: a completed atom's file may
 /// still be in its attempt directory until the results queue moves it (an atomic rename).
 async fn read_console(loc: &ConsoleLocation, offset: u64) -> std::io::Result<Vec<u8>> {
-    for _ in 0..3 {
-        if tokio::fs::try_exists(&loc.path).await.unwrap_or(false) {
-            return read_from(&loc.path, offset).await;
+    // Moves are atomic renames toward `path`: looking at `path`, then where it comes from, then
+    // at `path` again finds the file wherever it is (no file at all: the atom printed nothing).
+    for p in std::iter::once(&loc.path).chain(&loc.pending) {
+        match read_from_strict(p, offset).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            other => return other,
         }
-        match &loc.pending {
-            Some(p) if tokio::fs::try_exists(p).await.unwrap_or(false) => {
-                match read_from_strict(p, offset).await {
-                    Ok(d) => return Ok(d),
-                    // Moved between the check and the read: look again.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            _ => {}
-        }
-        if loc.pending.is_none() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     read_from(&loc.path, offset).await
 }

@@ -102,7 +102,8 @@ pub async fn serve(
             check,
         ))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Small messages (a dispatch, a result) must not wait for Nagle + delayed ACK (40 ms).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 shutdown.await;
                 tracing::info!("master shutting down");

@@ -13,7 +13,7 @@
 //! All changes go through one ordered queue ([`ResultsJob`]) so an archive is only written after
 //! every promotion queued before it, without any lock.
 use crate::archive;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot};
 
 /// Paths of the results tree.
@@ -93,12 +93,6 @@ pub enum ResultsJob {
         subjob: u32,
         /// Atom.
         atom: u32,
-        /// `clusterrunner_command` content (without the newline).
-        command: String,
-        /// Exit code.
-        exit_code: i32,
-        /// Seconds.
-        seconds: f64,
     },
     /// The build's final state is on disk: its attempt directories (abandoned attempts, live
     /// consoles, promotion markers) are no longer needed. Before that they are: a master that
@@ -111,8 +105,8 @@ pub enum ResultsJob {
     Archive {
         /// Build.
         build: u64,
-        /// Artifact directory names in (subjob, atom) order.
-        dirs: Vec<String>,
+        /// Artifact directories in (subjob, atom) order, with their bookkeeping files.
+        dirs: Vec<archive::ArtifactDir>,
         /// Names of the failed atoms' directories, same order.
         failures: Vec<String>,
         /// Told the outcome.
@@ -135,21 +129,9 @@ pub async fn run(
                 attempt,
                 subjob,
                 atom,
-                command,
-                exit_code,
-                seconds,
             } => {
                 let res = tokio::task::spawn_blocking(move || {
-                    let p = Promotion {
-                        build,
-                        attempt,
-                        subjob,
-                        atom,
-                        command: &command,
-                        exit_code,
-                        seconds,
-                    };
-                    promote(&layout, &p)
+                    promote(&layout, build, attempt, subjob, atom)
                 })
                 .await;
                 match res {
@@ -182,10 +164,14 @@ pub async fn run(
                 let res = tokio::task::spawn_blocking(move || {
                     let dir = layout.build_dir(build);
                     std::fs::create_dir_all(&dir)?;
-                    for d in &dirs {
-                        std::fs::create_dir_all(dir.join(d))?;
+                    let mut dirs = dirs;
+                    for d in &mut dirs {
+                        // An atom that printed nothing has no console file: an empty one.
+                        if !dir.join(&d.name).join(CONSOLE_FILE).exists() {
+                            d.generated.push((CONSOLE_FILE.to_string(), Vec::new()));
+                        }
                     }
-                    archive::write_archives(&dir, &dirs, &failures)
+                    archive::write_archives_from(&dir, &dirs, &failures)
                 })
                 .await;
                 let outcome = match res {
@@ -199,71 +185,66 @@ pub async fn run(
     }
 }
 
-struct Promotion<'a> {
+/// Makes an attempt's files the atom's results. The rename is atomic, so a reader finds the
+/// console either in the attempt directory or in the atom directory, never half-moved. A
+/// marker beside the attempt's directory records that its files are in the atom directory, so
+/// doing it again (after a restart) keeps them. The bookkeeping files are generated at archive
+/// time; an atom that uploaded nothing and printed nothing has no directory at all.
+fn promote(
+    layout: &ResultsLayout,
     build: u64,
     attempt: u64,
     subjob: u32,
     atom: u32,
-    command: &'a str,
-    exit_code: i32,
-    seconds: f64,
-}
-
-/// Makes an attempt's files the atom's results. The rename is atomic, so a reader finds the
-/// console either in the attempt directory or in the atom directory, never half-moved.
-fn promote(layout: &ResultsLayout, p: &Promotion<'_>) -> std::io::Result<()> {
-    let src = layout.attempt_atom_dir(p.build, p.attempt, p.subjob, p.atom);
-    let dst = layout.atom_dir(p.build, p.subjob, p.atom);
-    // Beside the attempt's directory (never in the results): "this attempt's files are in dst".
+) -> std::io::Result<()> {
+    let src = layout.attempt_atom_dir(build, attempt, subjob, atom);
+    let dst = layout.atom_dir(build, subjob, atom);
     let marker = src.with_file_name(format!(
         "promoted_{}",
-        archive::artifact_dir_name(p.subjob, p.atom)
+        archive::artifact_dir_name(subjob, atom)
     ));
+    let mark = || -> std::io::Result<()> {
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&marker, b"")
+    };
     if src.exists() {
         if dst.exists() {
             // Left by an attempt whose result was lost in a crash: the recorded attempt wins.
             std::fs::remove_dir_all(&dst)?;
         }
         std::fs::rename(&src, &dst)?;
-        std::fs::write(&marker, b"")?;
-    } else if !marker.exists() {
-        // This attempt uploaded nothing (no output, no artifacts); anything in dst is another
-        // attempt's. (With the marker, this is the same promotion done again after a restart:
-        // only the bookkeeping files are rewritten.)
-        if dst.exists() {
-            std::fs::remove_dir_all(&dst)?;
-        }
+        mark()?;
+    } else if !marker.exists() && dst.exists() {
+        // Another attempt's files: this one uploaded nothing.
+        std::fs::remove_dir_all(&dst)?;
+    }
+    // No console came with the upload (or no upload): keep what streamed in.
+    let live = layout.live_console(build, attempt, subjob, atom);
+    if live.exists() && !dst.join(CONSOLE_FILE).exists() {
         std::fs::create_dir_all(&dst)?;
-        if let Some(dir) = marker.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&marker, b"")?;
-    }
-    // No console came with the upload (no output, or the upload was refused): keep what
-    // streamed in.
-    let live = layout.live_console(p.build, p.attempt, p.subjob, p.atom);
-    if !dst.join(CONSOLE_FILE).exists() && live.exists() {
         std::fs::rename(&live, dst.join(CONSOLE_FILE))?;
-    }
-    write_atom_files(&dst, p.command, p.exit_code, p.seconds)
-}
-
-/// Writes ClusterRunner's per-atom bookkeeping files into an atom directory.
-pub fn write_atom_files(
-    dir: &Path,
-    command: &str,
-    exit_code: i32,
-    seconds: f64,
-) -> std::io::Result<()> {
-    std::fs::write(dir.join("clusterrunner_command"), format!("{command}\n"))?;
-    std::fs::write(
-        dir.join("clusterrunner_exit_code"),
-        format!("{exit_code}\n"),
-    )?;
-    std::fs::write(dir.join("clusterrunner_time"), format!("{seconds:.2}\n"))?;
-    let console = dir.join(CONSOLE_FILE);
-    if !console.exists() {
-        std::fs::write(console, b"")?;
+        mark()?;
     }
     Ok(())
+}
+
+/// ClusterRunner's per-atom bookkeeping files: command, exit code and time (the console is
+/// the atom's own file).
+pub fn atom_files(command: &str, exit_code: i32, seconds: f64) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (
+            "clusterrunner_command".into(),
+            format!("{command}\n").into_bytes(),
+        ),
+        (
+            "clusterrunner_exit_code".into(),
+            format!("{exit_code}\n").into_bytes(),
+        ),
+        (
+            "clusterrunner_time".into(),
+            format!("{seconds:.2}\n").into_bytes(),
+        ),
+    ]
 }

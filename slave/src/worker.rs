@@ -942,10 +942,9 @@ impl ConsoleTail {
         let cut = self.cut();
         let result: std::io::Result<()> = async {
             if !self.rotated {
+                // No output, no file: nothing to create (or upload) for a silent atom.
                 match tokio::fs::rename(&self.segs[self.live], &self.path).await {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        tokio::fs::write(&self.path, b"").await
-                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                     other => other,
                 }
             } else {

@@ -237,7 +237,8 @@ impl Harness {
                 done,
             } = job
             {
-                archives.push((build, dirs, failures));
+                let names = dirs.into_iter().map(|d| d.name).collect();
+                archives.push((build, names, failures));
                 done.send(Ok(())).unwrap();
             }
         }
