@@ -141,11 +141,52 @@ pub struct Worker {
     live: watch::Sender<Option<Live>>,
     grace: Duration,
     next_seq: std::sync::atomic::AtomicU64,
+    art_dirs: DirPool,
+}
+
+/// Empty directories handed out as `$ARTIFACT_DIR`, taken back while still empty: most atoms
+/// write no artifact, and creating and deleting a directory per atom was a large share of a
+/// trivial atom's cost (ext4 inode allocation, seen with perf).
+#[derive(Debug)]
+struct DirPool {
+    root: PathBuf,
+    free: Mutex<Vec<PathBuf>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl DirPool {
+    async fn take(&self) -> PathBuf {
+        if let Some(d) = self.free.lock().expect("poisoned").pop() {
+            return d;
+        }
+        let d = self.root.join(self.next.fetch_add(1, Ordering::SeqCst).to_string());
+        if let Err(e) = tokio::fs::create_dir_all(&d).await {
+            tracing::error!(error = %e, dir = %d.display(), "cannot create ARTIFACT_DIR");
+        }
+        d
+    }
+
+    /// Keeps an empty directory for the next atom; deletes one with files (already uploaded).
+    async fn give(&self, d: PathBuf) {
+        if dir_is_empty(&d).await {
+            self.free.lock().expect("poisoned").push(d);
+        } else {
+            let _ = tokio::fs::remove_dir_all(&d).await;
+        }
+    }
+}
+
+async fn dir_is_empty(d: &Path) -> bool {
+    match tokio::fs::read_dir(d).await {
+        Ok(mut rd) => matches!(rd.next_entry().await, Ok(None)),
+        Err(_) => false,
+    }
 }
 
 impl Worker {
     /// A worker with nothing held.
     pub fn new(shared: Arc<Shared>) -> Arc<Self> {
+        let pool_root = shared.cfg.data_dir.join("builds").join(".artifact-dirs");
         let (outbox, rx) = mpsc::channel(OUTBOX);
         let (live, _) = watch::channel(None);
         Arc::new(Self {
@@ -157,6 +198,11 @@ impl Worker {
             outbox_rx: tokio::sync::Mutex::new(rx),
             live,
             next_seq: std::sync::atomic::AtomicU64::new(1),
+            art_dirs: DirPool {
+                root: pool_root,
+                free: Mutex::default(),
+                next: std::sync::atomic::AtomicU64::new(1),
+            },
         })
     }
 
@@ -609,19 +655,11 @@ impl Worker {
         cancel: &CancellationToken,
     ) -> Option<proto::AtomResult> {
         let name = format!("artifact_{}_{}", r.subjob_id, atom.atom_id);
-        let art_dir = ws
-            .build_dir
-            .join("artifacts")
-            .join(r.attempt.to_string())
-            .join(&name);
+        let art_dir = self.art_dirs.take().await;
         let console_path = ws
             .build_dir
             .join("consoles")
             .join(format!("{}_{name}", r.attempt));
-        let _ = tokio::fs::remove_dir_all(&art_dir).await;
-        if let Err(e) = tokio::fs::create_dir_all(&art_dir).await {
-            tracing::error!(error = %e, dir = %art_dir.display(), "cannot create ARTIFACT_DIR");
-        }
         if let Some(parent) = console_path.parent() {
             let _ = tokio::fs::create_dir_all(parent).await;
         }
@@ -738,8 +776,10 @@ impl Worker {
                 );
                 let _ = otx.send(note.into_bytes()).await;
                 // Each try starts with an empty ARTIFACT_DIR: only the last try's files count.
-                let _ = tokio::fs::remove_dir_all(&art_dir).await;
-                let _ = tokio::fs::create_dir_all(&art_dir).await;
+                if !dir_is_empty(&art_dir).await {
+                    let _ = tokio::fs::remove_dir_all(&art_dir).await;
+                    let _ = tokio::fs::create_dir_all(&art_dir).await;
+                }
             }
         };
         let ((outcome, tries, timed_out), ()) = tokio::join!(runs, forward);
@@ -759,7 +799,7 @@ impl Worker {
         let uploaded = self
             .upload_with_retry(header, &art_dir, console, cancel)
             .await;
-        let _ = tokio::fs::remove_dir_all(&art_dir).await;
+        self.art_dirs.give(art_dir).await;
         let _ = tokio::fs::remove_file(&console_path).await;
         let (artifact_files, exit_code) = match uploaded? {
             Uploaded::Files(n) => (n, outcome.exit_code),
