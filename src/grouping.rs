@@ -181,6 +181,68 @@ fn bucket(
     groups
 }
 
+/// Queue dispatch: one atom per group, longest expected time first. Atoms with a recorded time
+/// expect it; atoms without one expect the longest recorded time (pessimistic: an unknown atom
+/// started late could end the build late). Without any recorded time the atomizer order is
+/// kept and no time is expected. The sort is stable: equal times keep atomizer order.
+pub fn queue_order(atoms: &[String], timings: &HashMap<String, f64>) -> Vec<Vec<GroupedAtom>> {
+    let known: Vec<Option<f64>> = atoms.iter().map(|a| timings.get(a).copied()).collect();
+    let max_t = known
+        .iter()
+        .flatten()
+        .copied()
+        .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
+    let mut order: Vec<GroupedAtom> = known
+        .iter()
+        .enumerate()
+        .map(|(index, t)| GroupedAtom {
+            index,
+            expected_time: max_t.map(|m| t.unwrap_or(m)),
+        })
+        .collect();
+    if max_t.is_some() {
+        order.sort_by(|a, b| {
+            b.expected_time
+                .unwrap_or_default()
+                .total_cmp(&a.expected_time.unwrap_or_default())
+        });
+    }
+    order.into_iter().map(|g| vec![g]).collect()
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("a{i}")).collect()
+    }
+
+    #[test]
+    fn without_history_atomizer_order_is_kept() {
+        let g = queue_order(&names(3), &HashMap::new());
+        assert_eq!(g.iter().map(|g| g[0].index).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(g.iter().all(|g| g[0].expected_time.is_none()));
+    }
+
+    #[test]
+    fn longest_first_and_unknown_atoms_are_pessimistic() {
+        let t = HashMap::from([
+            ("a0".to_string(), 1.0),
+            ("a1".to_string(), 5.0),
+            ("a3".to_string(), 2.0),
+        ]);
+        let g = queue_order(&names(4), &t);
+        let order: Vec<(usize, f64)> = g
+            .iter()
+            .map(|g| (g[0].index, g[0].expected_time.unwrap()))
+            .collect();
+        // a2 has no record: it expects the longest recorded time (5.0) and keeps its place
+        // after a1 among equals.
+        assert_eq!(order, [(1, 5.0), (2, 5.0), (3, 2.0), (0, 1.0)]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

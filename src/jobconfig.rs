@@ -35,6 +35,7 @@ const MAX_EXECUTORS_PER_SLAVE: &str = "max_executors_per_slave";
 const RETRIES: &str = "retries";
 const ATOM_TIMEOUT: &str = "atom_timeout";
 const BUILD_TIMEOUT: &str = "build_timeout";
+const DISPATCH: &str = "dispatch";
 
 /// Most retries a job may ask for: retries hide failures, a large number hides them for long.
 pub const MAX_RETRIES: u32 = 10;
@@ -101,6 +102,17 @@ pub enum JobConfigError {
         job: String,
         /// Section name.
         section: String,
+    },
+    /// `dispatch` is not a known mode.
+    #[error(
+        "Definition for job \"{job}\" contains an invalid value for config section \"dispatch\". \
+         Expected \"queue\" or \"clusterrunner\" but found \"{value}\"."
+    )]
+    BadDispatch {
+        /// Job name.
+        job: String,
+        /// The value given.
+        value: String,
     },
     /// `retries` outside 0..=MAX_RETRIES.
     #[error(
@@ -331,6 +343,7 @@ enum Expected {
     ListOfStr,
     ListOfDict,
     Int,
+    Str,
 }
 
 impl Expected {
@@ -341,6 +354,7 @@ impl Expected {
             MAX_EXECUTORS | MAX_EXECUTORS_PER_SLAVE | RETRIES | ATOM_TIMEOUT | BUILD_TIMEOUT => {
                 Some(Self::Int)
             }
+            DISPATCH => Some(Self::Str),
             _ => None,
         }
     }
@@ -350,6 +364,7 @@ impl Expected {
             Self::ListOfStr => "[(<class 'list'>, <class 'str'>)]",
             Self::ListOfDict => "[(<class 'list'>, <class 'dict'>)]",
             Self::Int => "[<class 'int'>]",
+            Self::Str => "[<class 'str'>]",
         }
     }
 }
@@ -417,6 +432,19 @@ fn validate_job(job: &str, sections: &Node) -> Result<JobConfig, JobConfigError>
                 }
             }
             (Expected::Int, other) => return Err(invalid_value(other.py_type())),
+            (Expected::Str, Node::Str(mode)) => {
+                config.dispatch = match mode.as_str() {
+                    "queue" => crate::proto::DispatchMode::Queue,
+                    "clusterrunner" => crate::proto::DispatchMode::Clusterrunner,
+                    _ => {
+                        return Err(JobConfigError::BadDispatch {
+                            job: job.to_owned(),
+                            value: mode.clone(),
+                        });
+                    }
+                } as i32;
+            }
+            (Expected::Str, other) => return Err(invalid_value(other.py_type())),
             (_, Node::Seq(items)) => {
                 let Some(first) = items.first() else {
                     return Err(JobConfigError::EmptySection {
@@ -1932,5 +1960,31 @@ mod extension_tests {
             assert!(e.contains(&format!("config section \"{section}\"")), "{e}");
             assert!(e.contains(needle), "{e} should contain {needle}");
         }
+    }
+}
+
+#[cfg(test)]
+mod dispatch_tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_mode_is_read_and_checked() {
+        let base = "J:\n  commands: [x]\n  atomizers: [{A: a}]\n";
+        let c = parse_project_yaml(base, None).unwrap();
+        assert_eq!(c.dispatch, crate::proto::DispatchMode::Queue as i32);
+        let c = parse_project_yaml(&format!("{base}  dispatch: clusterrunner\n"), None).unwrap();
+        assert_eq!(c.dispatch, crate::proto::DispatchMode::Clusterrunner as i32);
+        let e = parse_project_yaml(&format!("{base}  dispatch: fastest\n"), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Expected \"queue\" or \"clusterrunner\" but found \"fastest\""),
+            "{e}"
+        );
+        let e = parse_project_yaml(&format!("{base}  dispatch: [queue]\n"), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("invalid value for config section \"dispatch\""),
+            "{e}"
+        );
     }
 }

@@ -274,6 +274,7 @@ impl JobParts {
             retries: self.retries.unwrap_or(0),
             atom_timeout_seconds: self.atom_timeout.unwrap_or(0),
             build_timeout_seconds: self.build_timeout.unwrap_or(0),
+            dispatch: 0,
         }
     }
 }

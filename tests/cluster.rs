@@ -601,10 +601,10 @@ async fn a_finished_build_survives_a_master_restart() {
 async fn the_second_build_uses_timing_history() {
     let (c, _d) = cluster(1, 2).await;
     let project = tempfile::tempdir().unwrap();
-    // Atom N sleeps N/10 s; max_executors 2 makes the time-based grouping visible.
+    // Atom N sleeps N/10 s; max_executors 2 makes ClusterRunner's time-based grouping visible.
     write_job(
         project.path(),
-        "T:\n  max_executors: 2\n  commands: ['sleep 0.$N']\n  atomizers: [{N: 'seq 1 8'}]\n",
+        "T:\n  dispatch: clusterrunner\n  max_executors: 2\n  commands: ['sleep 0.$N']\n  atomizers: [{N: 'seq 1 8'}]\n",
     );
     let (mut b, _) = c.clients().await.unwrap();
     let first = submit(&mut b, dir_request(project.path())).await;
@@ -635,6 +635,24 @@ async fn the_second_build_uses_timing_history() {
         .map(|s| s.atoms[0].expected_time.unwrap())
         .collect();
     assert!(firsts[0] >= firsts[firsts.len() - 1]);
+    // Queue dispatch (the default) uses the same history to hand out the longest atoms first:
+    // one atom per subjob, in descending recorded time.
+    write_job(
+        project.path(),
+        "T:\n  max_executors: 2\n  commands: ['sleep 0.$N']\n  atomizers: [{N: 'seq 1 8'}]\n",
+    );
+    let third = submit(&mut b, dir_request(project.path())).await;
+    wait_final(&mut b, third).await;
+    let sj3 = subjobs(&mut b, third).await;
+    assert_eq!(sj3.len(), 8);
+    let expected: Vec<f64> = sj3
+        .iter()
+        .map(|s| s.atoms[0].expected_time.unwrap())
+        .collect();
+    assert!(
+        expected.windows(2).all(|w| w[0] >= w[1]),
+        "longest first: {expected:?}"
+    );
     c.shutdown().await.unwrap();
 }
 

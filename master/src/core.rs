@@ -1791,7 +1791,12 @@ impl Core {
             }
         };
         let max_exec = (job.max_executors > 0).then_some(u64::from(job.max_executors));
-        let groups = grouping::group_atoms(&r.atoms, &timings, max_exec);
+        let groups = match proto::DispatchMode::try_from(job.dispatch).unwrap_or_default() {
+            proto::DispatchMode::Clusterrunner => {
+                grouping::group_atoms(&r.atoms, &timings, max_exec)
+            }
+            proto::DispatchMode::Queue => grouping::queue_order(&r.atoms, &timings),
+        };
         b.subjobs = groups
             .into_iter()
             .enumerate()

@@ -159,7 +159,9 @@ impl DirPool {
         if let Some(d) = self.free.lock().expect("poisoned").pop() {
             return d;
         }
-        let d = self.root.join(self.next.fetch_add(1, Ordering::SeqCst).to_string());
+        let d = self
+            .root
+            .join(self.next.fetch_add(1, Ordering::SeqCst).to_string());
         if let Err(e) = tokio::fs::create_dir_all(&d).await {
             tracing::error!(error = %e, dir = %d.display(), "cannot create ARTIFACT_DIR");
         }

@@ -64,6 +64,14 @@ fn job(max_executors: u32, per_slave: u32) -> proto::JobConfig {
     }
 }
 
+/// A job grouped ClusterRunner's way (the default is queue dispatch: one atom per subjob).
+fn cr_job(max_executors: u32, per_slave: u32) -> proto::JobConfig {
+    proto::JobConfig {
+        dispatch: proto::DispatchMode::Clusterrunner as i32,
+        ..job(max_executors, per_slave)
+    }
+}
+
 fn atoms(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("export TOKEN=\"{i}\";")).collect()
 }
@@ -461,7 +469,7 @@ async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
     let mut a = h.slave("a", 1);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(a.next(), Some(D::Prepare(_))));
-    h.prepared(&a, id, job(1, 0), atoms(3)).await;
+    h.prepared(&a, id, cr_job(1, 0), atoms(3)).await;
     assert_eq!(h.build(id).num_subjobs, 2);
     assert!(matches!(a.next(), Some(D::Setup(_))));
     h.setup_ok(&a, id);
@@ -661,7 +669,7 @@ async fn the_second_build_is_grouped_by_recorded_times() {
     for round in 0..2 {
         let id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
-        h.prepared(&s, id, job(2, 0), atoms(10)).await;
+        h.prepared(&s, id, cr_job(2, 0), atoms(10)).await;
         let subjobs = h
             .call(|reply| Command::ListSubjobs {
                 build: id,
