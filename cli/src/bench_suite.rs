@@ -275,3 +275,497 @@ pub async fn b5(scale: Scale) -> anyhow::Result<Vec<Row>> {
         ),
     ])
 }
+
+/// Deterministic log-normal-ish durations in [lo, hi] seconds (a fixed LCG: every run measures
+/// the same work).
+fn skewed_durations(n: usize, lo: f64, hi: f64) -> Vec<f64> {
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut uniform = || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 11) as f64 / (1u64 << 53) as f64).max(1e-12)
+    };
+    (0..n)
+        .map(|_| {
+            // Box-Muller normal, then exp: median 0.25 s, a long tail.
+            let z = (-2.0 * uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * uniform()).cos();
+            (0.25 * (0.9 * z).exp()).clamp(lo, hi)
+        })
+        .collect()
+}
+
+fn makespan(b: &proto::Build) -> Option<f64> {
+    let at = |s: proto::BuildState| {
+        b.state_timestamps
+            .iter()
+            .find(|t| t.state == s as i32)
+            .map(|t| t.at)
+    };
+    Some(at(proto::BuildState::Finished)? - at(proto::BuildState::Building)?)
+}
+
+/// B2: makespan of skewed atoms against its lower bound, queue dispatch vs ClusterRunner's
+/// grouping, with timing history recorded by a first build.
+pub async fn b2(scale: Scale) -> anyhow::Result<Vec<Row>> {
+    let (n, factor) = if scale.quick { (40, 0.1) } else { (400, 1.0) };
+    let executors = 8.0;
+    let durations: Vec<f64> = skewed_durations(n, 0.05, 2.0)
+        .into_iter()
+        .map(|d| d * factor)
+        .collect();
+    let tmp = TempDir::new("b2")?;
+    let project = tmp.0.join("project");
+    std::fs::create_dir_all(&project)?;
+    let list: String = durations
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!("{i}:{d:.3}\n"))
+        .collect();
+    std::fs::write(project.join("durations"), list)?;
+    let yaml = |mode: &str| {
+        format!(
+            "B2:\n  dispatch: {mode}\n  max_executors: 8\n  commands: ['sleep ${{D#*:}}']\n  atomizers: [{{D: 'cat durations'}}]\n"
+        )
+    };
+    let c = cluster(&tmp.0.join("cluster"), 2, 4).await?;
+    let (mut b, _) = c.clients().await?;
+    std::fs::write(project.join("clusterrunner.yaml"), yaml("queue"))?;
+    run_build(&mut b, dir_request(&project)).await?;
+    let mut rows = Vec::new();
+    for (mode, label) in [
+        ("queue", "queue dispatch"),
+        ("clusterrunner", "ClusterRunner grouping"),
+    ] {
+        std::fs::write(project.join("clusterrunner.yaml"), yaml(mode))?;
+        let (build, _) = run_build(&mut b, dir_request(&project)).await?;
+        let id = build.id;
+        let subjobs = b
+            .list_subjobs(proto::ListSubjobsRequest {
+                build_id: id,
+                offset: 0,
+                limit: 0,
+            })
+            .await?
+            .into_inner()
+            .subjobs;
+        let times: Vec<f64> = subjobs
+            .iter()
+            .flat_map(|s| &s.atoms)
+            .filter_map(|a| a.actual_time)
+            .collect();
+        let total: f64 = times.iter().sum();
+        let longest = times.iter().copied().fold(0.0, f64::max);
+        let lower = (total / executors).max(longest);
+        let span = makespan(&build).context("state timestamps")?;
+        let ratio = span / lower;
+        let target = if mode == "queue" { "≤ 1.05" } else { "" };
+        rows.push(Row::new(
+            format!("B2 {n} skewed atoms, 8 executors, {label}: makespan ÷ lower bound ({span:.2} s ÷ {lower:.2} s)"),
+            format!("{ratio:.3}"),
+            target,
+            (mode == "queue").then_some(ratio <= 1.05),
+        ));
+    }
+    c.shutdown().await?;
+    Ok(rows)
+}
+
+/// A role started as its own process (for memory measurements); killed on drop.
+struct RoleProcess(std::process::Child);
+
+impl RoleProcess {
+    fn spawn(args: &[&str], secret: &str, log: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let out = std::fs::File::create(log)?;
+        let child = std::process::Command::new(exe)
+            .args(args)
+            .env("ISH_SECRET", secret)
+            .env("ISH_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        Ok(Self(child))
+    }
+
+    /// Peak resident memory so far, in MiB (VmHWM).
+    fn peak_rss_mib(&self) -> f64 {
+        peak_rss_mib(self.0.id())
+    }
+}
+
+impl Drop for RoleProcess {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Starts a master process on a free port; returns it and its gRPC URL.
+async fn master_process(
+    dir: &Path,
+    secret: &str,
+    conf: &str,
+) -> anyhow::Result<(RoleProcess, String)> {
+    let data = dir.join("master");
+    let conf_path = dir.join("master.toml");
+    std::fs::write(&conf_path, conf)?;
+    let p = RoleProcess::spawn(
+        &[
+            "master",
+            "--config",
+            conf_path.to_str().context("path")?,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().context("path")?,
+        ],
+        secret,
+        &dir.join("master.log"),
+    )?;
+    let addr_file = data.join(ish_master::ADDR_FILE);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !addr_file.exists() {
+        if Instant::now() > deadline {
+            bail!("the master did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://{}", std::fs::read_to_string(addr_file)?.trim());
+    Ok((p, url))
+}
+
+/// B4: one atom writing a lot to stdout, through a master and a slave process.
+pub async fn b4(scale: Scale) -> anyhow::Result<Vec<Row>> {
+    let bytes: u64 = if scale.quick { 5_000_000 } else { 200_000_000 };
+    let tmp = TempDir::new("b4")?;
+    let secret = ish_core::auth::generate_secret();
+    let (master, url) = master_process(&tmp.0, &secret, "").await?;
+    let slave_conf = tmp.0.join("slave.toml");
+    // Keep the whole console (the default keeps the last 64 MiB of an atom's output).
+    std::fs::write(
+        &slave_conf,
+        format!("max_console_bytes_per_atom = {}\n", bytes * 2),
+    )?;
+    let slave = RoleProcess::spawn(
+        &[
+            "slave",
+            "--config",
+            slave_conf.to_str().context("path")?,
+            "--master",
+            &url,
+            "--executors",
+            "1",
+            "--data-dir",
+            tmp.0.join("slave").to_str().context("path")?,
+        ],
+        &secret,
+        &tmp.0.join("slave.log"),
+    )?;
+    let project = tmp.0.join("project");
+    std::fs::create_dir_all(&project)?;
+    std::fs::write(
+        project.join("clusterrunner.yaml"),
+        format!(
+            "B4:\n  commands: ['yes 0123456789abcdef0123456789abcdef012345678 | head -c {bytes}']\n  atomizers: [{{N: 'echo 1'}}]\n"
+        ),
+    )?;
+    let (mut b, _) = crate::local::connect(&url, &secret, Duration::from_secs(10)).await?;
+    let id = b
+        .submit(proto::SubmitBuildRequest {
+            request: Some(dir_request(&project)),
+        })
+        .await?
+        .into_inner()
+        .build_id;
+    // Watch the master's console store grow: the live console file of the running atom.
+    let attempts = tmp
+        .0
+        .join("master")
+        .join("results")
+        .join(id.to_string())
+        .join(".attempts");
+    let live_size = || -> u64 {
+        let Ok(rd) = std::fs::read_dir(&attempts) else {
+            return 0;
+        };
+        rd.flatten()
+            .filter_map(|a| std::fs::read_dir(a.path()).ok())
+            .flat_map(|rd| rd.flatten())
+            .filter(|f| f.file_name().to_string_lossy().starts_with("console_"))
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first = None;
+    let done = loop {
+        let size = live_size();
+        if size > 0 && first.is_none() {
+            first = Some((Instant::now(), size));
+        }
+        if size >= bytes {
+            break Instant::now();
+        }
+        if Instant::now() > deadline {
+            bail!("B4: the console never reached {bytes} bytes on the master");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (t0, s0) = first.context("no console seen")?;
+    let mbps = (bytes - s0) as f64 / 1e6 / done.duration_since(t0).as_secs_f64().max(1e-3);
+    let mut watch = b
+        .watch(proto::WatchBuildRequest { build_id: id })
+        .await?
+        .into_inner();
+    while let Some(u) = watch.next().await {
+        let _ = u?;
+    }
+    let (m_rss, s_rss) = (master.peak_rss_mib(), slave.peak_rss_mib());
+    drop(slave);
+    drop(master);
+    let mb = bytes as f64 / 1e6;
+    Ok(vec![
+        Row::new(
+            format!("B4 console of one atom writing {mb:.0} MB: rate into the master's store"),
+            format!("{mbps:.0} MB/s"),
+            "≥ 100 MB/s",
+            Some(mbps >= 100.0),
+        ),
+        Row::new(
+            "B4 master peak RSS",
+            format!("{m_rss:.0} MiB"),
+            "< 100 MiB",
+            Some(m_rss < 100.0),
+        ),
+        Row::new(
+            "B4 slave peak RSS",
+            format!("{s_rss:.0} MiB"),
+            "< 100 MiB",
+            Some(s_rss < 100.0),
+        ),
+    ])
+}
+
+/// B3: many simulated slaves (in-process stream clients that answer at once) and zero-work atoms
+/// against a master process.
+pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
+    use ish_core::proto::{master_message::Msg as Down, slave_message::Msg as Up};
+    use std::sync::{Arc, Mutex};
+    let (slaves, atoms) = if scale.quick {
+        (20usize, 2_000usize)
+    } else {
+        (1_000, 200_000)
+    };
+    let executors = 4u32;
+    let tmp = TempDir::new("b3")?;
+    let secret = ish_core::auth::generate_secret();
+    let conf = format!(
+        "max_atoms_per_build = {atoms}\nheartbeat_timeout_ms = 120000\nmax_concurrent_streams = 1024\n"
+    );
+    let (master, url) = master_process(&tmp.0, &secret, &conf).await?;
+    let auth = ish_core::auth::SecretInterceptor::new(&secret)?;
+    // Sessions share a few HTTP/2 connections, as many slaves behind one proxy would.
+    let per_channel = 100;
+    let mut channels = Vec::new();
+    for _ in 0..slaves.div_ceil(per_channel) {
+        channels.push(
+            tonic::transport::Channel::from_shared(url.clone())?
+                .connect()
+                .await?,
+        );
+    }
+    let latencies = Arc::new(Mutex::new(Vec::<Duration>::with_capacity(atoms)));
+    let first_dispatch = Arc::new(Mutex::new(None::<Instant>));
+    let mut tasks = Vec::new();
+    for i in 0..slaves {
+        let mut link = proto::slave_link_client::SlaveLinkClient::with_interceptor(
+            channels[i / per_channel].clone(),
+            auth.clone(),
+        )
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+        let (latencies, first_dispatch) = (latencies.clone(), first_dispatch.clone());
+        tasks.push(tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<proto::SlaveMessage>(1024);
+            let send = |m: Up| proto::SlaveMessage { msg: Some(m) };
+            tx.send(send(Up::Register(proto::Register {
+                name: format!("sim-{i}"),
+                executors,
+                ..Default::default()
+            })))
+            .await?;
+            let mut inbound = link
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            // When each executor slot became free (latency of the next dispatch to it).
+            let mut free_since = vec![Instant::now(); executors as usize];
+            let mut lat = Vec::new();
+            while let Some(m) = inbound.message().await? {
+                match m.msg {
+                    Some(Down::Prepare(p)) => {
+                        let job = proto::JobConfig {
+                            name: "B3".into(),
+                            commands: "true".into(),
+                            ..Default::default()
+                        };
+                        tx.send(send(Up::Prepared(proto::PrepareResult {
+                            build_id: p.build_id,
+                            job: Some(job),
+                            atoms: p.atoms_override,
+                            ..Default::default()
+                        })))
+                        .await?;
+                    }
+                    Some(Down::Setup(s)) => {
+                        tx.send(send(Up::Setup(proto::SetupResult {
+                            build_id: s.build_id,
+                            ok: true,
+                            error: String::new(),
+                        })))
+                        .await?;
+                        free_since.fill(Instant::now());
+                    }
+                    Some(Down::RunSubjob(r)) => {
+                        let now = Instant::now();
+                        first_dispatch.lock().expect("poisoned").get_or_insert(now);
+                        let slot = r.executor_index as usize % free_since.len();
+                        lat.push(now.duration_since(free_since[slot]));
+                        for a in &r.atoms {
+                            tx.send(send(Up::AtomResult(proto::AtomResult {
+                                build_id: r.build_id,
+                                subjob_id: r.subjob_id,
+                                atom_id: a.atom_id,
+                                attempt: r.attempt,
+                                exit_code: 0,
+                                seconds: 0.0,
+                                artifact_files: 0,
+                                tries: 1,
+                                timed_out: false,
+                            })))
+                            .await?;
+                        }
+                        tx.send(send(Up::SubjobDone(proto::SubjobDone {
+                            build_id: r.build_id,
+                            subjob_id: r.subjob_id,
+                            attempt: r.attempt,
+                        })))
+                        .await?;
+                        free_since[slot] = Instant::now();
+                    }
+                    Some(Down::Teardown(t)) => {
+                        tx.send(send(Up::TeardownDone(proto::TeardownDone {
+                            build_id: t.build_id,
+                            ok: true,
+                            error: String::new(),
+                        })))
+                        .await?;
+                        latencies.lock().expect("poisoned").extend(lat.drain(..));
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    let (mut b, mut cl) = crate::local::connect(&url, &secret, Duration::from_secs(10)).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cl
+        .list_slaves(proto::ListSlavesRequest {})
+        .await?
+        .into_inner()
+        .slaves
+        .len()
+        < slaves
+    {
+        if Instant::now() > deadline {
+            bail!("B3: the simulated slaves did not all register");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let project = tmp.0.join("project");
+    std::fs::create_dir_all(&project)?;
+    let mut req = dir_request(&project);
+    req.atoms_override = (0..atoms).map(|i| format!("export N=\"{i}\";")).collect();
+    let (build, _) = run_build(&mut b, req).await?;
+    let finished = Instant::now();
+    if build.completed_atoms as usize != atoms {
+        bail!("B3: {} of {atoms} atoms completed", build.completed_atoms);
+    }
+    // Teardowns hand the latencies over; give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.lock().expect("poisoned").len() < atoms && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss = master.peak_rss_mib();
+    drop(master);
+    for t in tasks {
+        t.abort();
+    }
+    let start = first_dispatch
+        .lock()
+        .expect("poisoned")
+        .context("no dispatch seen")?;
+    let rate = atoms as f64 / finished.duration_since(start).as_secs_f64();
+    let mut lat = std::mem::take(&mut *latencies.lock().expect("poisoned"));
+    lat.sort();
+    let p = |q: f64| {
+        lat.get(((q / 100.0) * (lat.len().max(1) - 1) as f64).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    Ok(vec![
+        Row::new(
+            format!(
+                "B3 {slaves} simulated slaves × {executors}, {atoms} zero-work atoms: dispatches/s"
+            ),
+            format!("{rate:.0}"),
+            "≥ 20000",
+            Some(rate >= 20_000.0),
+        ),
+        Row::new(
+            "B3 dispatch latency p50 (executor free → next work)",
+            format!("{:.2} ms", p(50.0)),
+            "",
+            None,
+        ),
+        Row::new(
+            "B3 dispatch latency p99",
+            format!("{:.2} ms", p(99.0)),
+            "< 20 ms",
+            Some(p(99.0) < 20.0),
+        ),
+        Row::new(
+            "B3 master peak RSS",
+            format!("{rss:.0} MiB"),
+            "< 300 MiB",
+            Some(rss < 300.0),
+        ),
+    ])
+}

@@ -424,6 +424,15 @@ async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
             if want("b1") {
                 rows.extend(b::b1(scale).await?);
             }
+            if want("b2") {
+                rows.extend(b::b2(scale).await?);
+            }
+            if want("b3") {
+                rows.extend(b::b3(scale).await?);
+            }
+            if want("b4") {
+                rows.extend(b::b4(scale).await?);
+            }
             if want("b5") {
                 rows.extend(b::b5(scale).await?);
             }
