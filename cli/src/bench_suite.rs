@@ -378,7 +378,19 @@ impl RoleProcess {
     fn spawn(args: &[&str], secret: &str, log: &Path) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let out = std::fs::File::create(log)?;
-        let child = std::process::Command::new(exe)
+        // ISH_BENCH_WRAPPER (e.g. "heaptrack" or "perf record -g -o /tmp/p.data") runs each
+        // role process under a profiler; the RSS figures are then the wrapper's.
+        let wrapper = std::env::var("ISH_BENCH_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(w) => {
+                let mut c = std::process::Command::new(w);
+                c.args(words).arg(exe);
+                c
+            }
+            None => std::process::Command::new(exe),
+        };
+        let child = cmd
             .args(args)
             .env("ISH_SECRET", secret)
             .env("ISH_LOG", "warn")

@@ -238,7 +238,10 @@ struct Subjob {
 #[derive(Debug)]
 struct Build {
     id: u64,
+    /// The request without `atoms_override`: it is copied into every status read and record.
     request: proto::BuildRequest,
+    /// The request's atoms, until the build ends (stored apart; see `Store`).
+    atoms_override: Vec<String>,
     state: BuildState,
     result: proto::BuildResult,
     error: String,
@@ -319,6 +322,9 @@ pub struct Core {
     /// Builds not in a final state, in FIFO order.
     active: BTreeSet<u64>,
     slaves: BTreeMap<u64, Slave>,
+    /// Slaves that can take work now (not draining, an executor free): scheduling looks only
+    /// here, so a cluster of thousands of busy slaves costs nothing per command.
+    free: BTreeSet<u64>,
     attempts: HashMap<u64, Attempt>,
     next_attempt: u64,
     /// End of the block of attempt ids reserved in the store.
@@ -512,9 +518,7 @@ fn request_params_json(req: &proto::BuildRequest) -> String {
     {
         m.insert("config".into(), v);
     }
-    if !req.atoms_override.is_empty() {
-        m.insert("atoms_override".into(), req.atoms_override.clone().into());
-    }
+    // atoms_override is left out: the echo is read on every poll, the atoms can be 100,000.
     serde_json::Value::Object(m).to_string()
 }
 
@@ -538,11 +542,13 @@ fn project_key(req: &proto::BuildRequest) -> String {
 }
 
 impl Build {
-    fn new(id: u64, request: proto::BuildRequest) -> Self {
+    fn new(id: u64, mut request: proto::BuildRequest) -> Self {
         let project_key = project_key(&request);
+        let atoms_override = std::mem::take(&mut request.atoms_override);
         Self {
             id,
             request,
+            atoms_override,
             state: BuildState::Queued,
             result: proto::BuildResult::Unspecified,
             error: String::new(),
@@ -721,6 +727,7 @@ impl Core {
             builds: BTreeMap::new(),
             active: BTreeSet::new(),
             slaves: BTreeMap::new(),
+            free: BTreeSet::new(),
             attempts: HashMap::new(),
             next_attempt: 0,
             attempt_end: 0,
@@ -831,6 +838,7 @@ impl Core {
                 _ => {}
             }
             if !b.state.is_final() {
+                b.atoms_override = self.store.atoms_override(id)?;
                 // A result may have been stored just before the crash, before its files were
                 // moved into place: promotion is idempotent, so redo it for every result.
                 for a in b.subjobs.iter().flat_map(|s| &s.atoms) {
@@ -1293,6 +1301,9 @@ impl Core {
         }
         let id = self.store.next_build_id()?;
         let b = Build::new(id, req);
+        if !b.atoms_override.is_empty() {
+            self.store.put_atoms_override(id, &b.atoms_override)?;
+        }
         self.store.put_build(&b.to_record())?;
         tracing::info!(build = id, "build queued");
         self.builds.insert(id, b);
@@ -1446,6 +1457,7 @@ impl Core {
             if let Some(s) = self.slaves.get_mut(&sid) {
                 s.draining = true;
             }
+            self.sync_free(sid);
             self.send(sid, Down::Drain(proto::Drain { grace_ms: 0 }));
         }
         Ok(ids)
@@ -1493,6 +1505,7 @@ impl Core {
             serde_json::json!({ "slave_id": id, "name": s.name, "executors": s.executors }),
         );
         self.slaves.insert(id, s);
+        self.sync_free(id);
         self.send(
             id,
             Down::Registered(proto::Registered {
@@ -1643,6 +1656,7 @@ impl Core {
         let slave = self.slaves.get_mut(&sid).expect("checked above");
         slave.free_slots.remove(&slot);
         slave.busy.insert(slot, Work::Subjob(r.attempt));
+        self.sync_free(sid);
         self.attempts.insert(
             r.attempt,
             Attempt {
@@ -1693,6 +1707,7 @@ impl Core {
             Up::Draining(d) => {
                 tracing::info!(slave = sid, reason = %d.reason, "slave is draining");
                 slave.draining = true;
+                self.sync_free(sid);
                 self.event("SLAVE_DRAINING", serde_json::json!({ "slave_id": sid }));
             }
             Up::GoingAway(g) => {
@@ -1707,6 +1722,15 @@ impl Core {
             s.busy.remove(&slot);
             s.free_slots.insert(slot);
         }
+        self.sync_free(sid);
+    }
+
+    /// Keeps `free` in step with one slave's executors and draining flag.
+    fn sync_free(&mut self, sid: u64) {
+        match self.slaves.get(&sid) {
+            Some(s) if !s.draining && !s.free_slots.is_empty() => self.free.insert(sid),
+            _ => self.free.remove(&sid),
+        };
     }
 
     fn prepared(&mut self, sid: u64, r: proto::PrepareResult) {
@@ -2190,6 +2214,13 @@ impl Core {
             self.send(sid, Down::Teardown(proto::Teardown { build_id: id }));
         }
         self.persist(id);
+        // A final build is never prepared again; its atoms (if any) are stored as atoms.
+        if let Some(b) = self.builds.get_mut(&id)
+            && !std::mem::take(&mut b.atoms_override).is_empty()
+            && let Err(e) = self.store.remove_atoms_override(id)
+        {
+            tracing::warn!(build = id, error = %e, "could not forget atoms_override");
+        }
         let store = self.store.clone();
         let results = self.results.clone();
         tokio::spawn(async move {
@@ -2208,6 +2239,7 @@ impl Core {
         let Some(slave) = self.slaves.remove(&sid) else {
             return;
         };
+        self.free.remove(&sid);
         if why != "it left" {
             self.metrics.slaves_lost += 1;
         }
@@ -2304,20 +2336,14 @@ impl Core {
     fn schedule(&mut self) {
         // Most commands change nothing a free executor could use: check that first, so a long
         // queue costs nothing when the cluster is busy (or has no slaves).
-        if !self
-            .slaves
-            .values()
-            .any(|s| !s.draining && !s.free_slots.is_empty())
-        {
+        #[cfg(debug_assertions)]
+        self.check_free();
+        if self.free.is_empty() {
             return;
         }
         let ids: Vec<u64> = self.active.iter().copied().collect();
         for id in ids {
-            if !self
-                .slaves
-                .values()
-                .any(|s| !s.draining && !s.free_slots.is_empty())
-            {
+            if self.free.is_empty() {
                 return;
             }
             match self.builds.get(&id).map(|b| b.state) {
@@ -2328,11 +2354,24 @@ impl Core {
         }
     }
 
+    /// `free` must be exactly the slaves that can take work (checked in debug builds).
+    #[cfg(debug_assertions)]
+    fn check_free(&self) {
+        let expected: BTreeSet<u64> = self
+            .slaves
+            .values()
+            .filter(|s| !s.draining && !s.free_slots.is_empty())
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(self.free, expected, "free-slave index out of step");
+    }
+
     /// Slave with the most free executors (ties: lowest id), optionally filtered.
     fn pick_slave(&self, ok: impl Fn(&Slave) -> bool) -> Option<u64> {
-        self.slaves
-            .values()
-            .filter(|s| !s.draining && !s.free_slots.is_empty() && ok(s))
+        self.free
+            .iter()
+            .filter_map(|sid| self.slaves.get(sid))
+            .filter(|s| ok(s))
             .max_by_key(|s| (s.free_slots.len(), std::cmp::Reverse(s.id)))
             .map(|s| s.id)
     }
@@ -2358,7 +2397,7 @@ impl Core {
             }),
             job_name: req.job_name.clone(),
             config_json: req.config_json.clone(),
-            atoms_override: req.atoms_override.clone(),
+            atoms_override: b.atoms_override.clone(),
             env: req.env.clone(),
         };
         let slave = self.slaves.get_mut(&sid).expect("picked");
@@ -2367,6 +2406,7 @@ impl Core {
             .pop_first()
             .expect("picked with a free slot");
         slave.busy.insert(slot, Work::Prepare(id));
+        self.sync_free(sid);
         tracing::info!(build = id, slave = sid, "preparing build");
         self.persist(id);
         self.notify(id);
@@ -2385,11 +2425,15 @@ impl Core {
             return;
         }
         // 1. Fill free executors of slaves already set up for the build.
-        let ready: Vec<u64> = self.builds[&id]
-            .slaves
+        let ready: Vec<u64> = self
+            .free
             .iter()
-            .filter(|(_, sb)| sb.state == SlaveBuildState::Ready)
-            .map(|(sid, _)| *sid)
+            .filter(|sid| {
+                b.slaves
+                    .get(sid)
+                    .is_some_and(|sb| sb.state == SlaveBuildState::Ready)
+            })
+            .copied()
             .collect();
         for sid in ready {
             while self.can_dispatch(id, sid) {
@@ -2401,7 +2445,18 @@ impl Core {
         // 2. Set up more slaves while the build could use more executors than it has.
         loop {
             let b = &self.builds[&id];
-            let running = b.subjobs.iter().filter(|s| s.running.is_some()).count() as u64;
+            if b.pending.is_empty() {
+                return;
+            }
+            // Cheap test first: a free slave this build has not set up yet.
+            let Some(sid) = self.pick_slave(|s| {
+                b.slaves
+                    .get(&s.id)
+                    .is_none_or(|sb| sb.state == SlaveBuildState::Prepared)
+            }) else {
+                return;
+            };
+            let running = u64::from(b.executors_in_use);
             let wanted = u64::from(b.max_executors()).min(b.pending.len() as u64 + running);
             let allocated: u64 = b
                 .slaves
@@ -2414,16 +2469,9 @@ impl Core {
                 })
                 .map(|sb| u64::from(sb.cap))
                 .sum();
-            if b.pending.is_empty() || allocated >= wanted {
+            if allocated >= wanted {
                 return;
             }
-            let Some(sid) = self.pick_slave(|s| {
-                b.slaves
-                    .get(&s.id)
-                    .is_none_or(|sb| sb.state == SlaveBuildState::Prepared)
-            }) else {
-                return;
-            };
             self.start_setup(id, sid);
         }
     }
@@ -2490,6 +2538,7 @@ impl Core {
         let slot = slave.free_slots.pop_first().expect("checked");
         slave.busy.insert(slot, Work::Subjob(attempt));
         let name = slave.name.clone();
+        self.sync_free(sid);
         let b = self.builds.get_mut(&id).expect("checked");
         let subjob = b.pending.pop_front().expect("checked");
         let sb = b.slaves.get_mut(&sid).expect("checked");

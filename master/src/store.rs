@@ -5,6 +5,8 @@
 //! - `builds`: build id (BE u64) -> `StoredBuild` (prost)
 //! - `atoms`: build id (BE u64) + subjob id (BE u32) + atom id (BE u32) -> `Atom` (prost)
 //! - `attempts`: build id (BE u64) + subjob id (BE u32) -> dispatch count (BE u32)
+//! - `overrides`: build id (BE u64) -> JSON list of the request's `atoms_override`, kept apart
+//!   from the build record, which is rewritten on every state change and read on every poll
 //! - `timings`: project key + `\0` + job name -> JSON `{"<atom command string>": seconds}`
 //! - `meta`: counters (`next_build_id`)
 //!
@@ -23,9 +25,16 @@ pub struct Store {
     builds: sled::Tree,
     atoms: sled::Tree,
     attempts: sled::Tree,
+    overrides: sled::Tree,
     timings: sled::Tree,
     meta: sled::Tree,
 }
+
+/// sled's in-memory page cache.
+const DB_CACHE_BYTES: u64 = 64 << 20;
+
+/// Atoms written per sled batch.
+const ATOM_BATCH: usize = 1024;
 
 const NEXT_BUILD_ID: &[u8] = b"next_build_id";
 const NEXT_ATTEMPT: &[u8] = b"next_attempt";
@@ -43,7 +52,12 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| MasterError::io(format!("creating {}", dir.display()), e))?;
-        let db = sled::Config::new().path(dir).open()?;
+        // sled's page cache defaults to 1 GiB and fills with every atom of a large build; the
+        // hot data (recent builds) is far smaller, and the OS page cache backs the rest.
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(DB_CACHE_BYTES)
+            .open()?;
         Self::from_db(db)
     }
 
@@ -57,6 +71,7 @@ impl Store {
             builds: db.open_tree("builds")?,
             atoms: db.open_tree("atoms")?,
             attempts: db.open_tree("attempts")?,
+            overrides: db.open_tree("overrides")?,
             timings: db.open_tree("timings")?,
             meta: db.open_tree("meta")?,
             db,
@@ -124,15 +139,23 @@ impl Store {
         Ok(())
     }
 
-    /// Writes many atoms in one batch (a prepared build's atoms).
+    /// Writes many atoms (a prepared build's atoms), in batches of `ATOM_BATCH`: one sled batch
+    /// pins every page it touches until it is applied, so a 200,000-atom batch took 700 MB.
+    /// Not atomic as a whole; callers make the atoms count only once the build record says so
+    /// (a build recovered before that is prepared again, and its partial atoms cleared).
     pub fn put_atoms<'a>(
         &self,
         build: u64,
         atoms: impl IntoIterator<Item = &'a proto::Atom>,
     ) -> Result<()> {
         let mut batch = sled::Batch::default();
+        let mut n = 0;
         for a in atoms {
             batch.insert(&atom_key(build, a.subjob_id, a.id)[..], a.encode_to_vec());
+            n += 1;
+            if n % ATOM_BATCH == 0 {
+                self.atoms.apply_batch(std::mem::take(&mut batch))?;
+            }
         }
         self.atoms.apply_batch(batch)?;
         Ok(())
@@ -158,6 +181,27 @@ impl Store {
             }
             tree.apply_batch(batch)?;
         }
+        Ok(())
+    }
+
+    /// Stores a build's `atoms_override` (needed until the build is prepared).
+    pub fn put_atoms_override(&self, build: u64, atoms: &[String]) -> Result<()> {
+        let bytes = serde_json::to_vec(atoms).map_err(|e| MasterError::Corrupt(e.to_string()))?;
+        self.overrides.insert(build.to_be_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// A build's `atoms_override` (empty when it had none).
+    pub fn atoms_override(&self, build: u64) -> Result<Vec<String>> {
+        match self.overrides.get(build.to_be_bytes())? {
+            None => Ok(Vec::new()),
+            Some(v) => serde_json::from_slice(&v).map_err(|e| MasterError::Corrupt(e.to_string())),
+        }
+    }
+
+    /// Forgets a finished build's `atoms_override` (its atoms are stored by then).
+    pub fn remove_atoms_override(&self, build: u64) -> Result<()> {
+        self.overrides.remove(build.to_be_bytes())?;
         Ok(())
     }
 

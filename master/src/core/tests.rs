@@ -868,6 +868,34 @@ async fn builds_resume_after_a_restart() {
     assert_eq!(b.completed_atoms, 2);
 }
 
+/// `atoms_override` is kept apart from the build record: not echoed by status reads (which are
+/// made on every poll), yet still sent to the preparing slave after a restart, and forgotten
+/// once the build is final.
+#[tokio::test]
+async fn atoms_override_survives_a_restart_but_is_not_echoed() {
+    let store = Store::temporary().unwrap();
+    let mut req = dir_request(CONFIG);
+    req.atoms_override = atoms(3);
+    let id = {
+        let mut h = Harness::with_store(store.clone());
+        h.submit(req).await
+    };
+    let mut h = Harness::with_store(store.clone());
+    h.core.recover().unwrap();
+    let b = h.build(id);
+    let echoed = b.request.unwrap();
+    assert!(echoed.atoms_override.is_empty());
+    assert!(!echoed.request_params_json.contains("atoms_override"));
+    let mut s = h.slave("s", 1);
+    match s.next() {
+        Some(D::Prepare(p)) => assert_eq!(p.atoms_override, atoms(3)),
+        other => panic!("expected Prepare, got {other:?}"),
+    }
+    assert_eq!(store.atoms_override(id).unwrap(), atoms(3));
+    h.call(|r| Command::Cancel(id, r)).unwrap();
+    assert!(store.atoms_override(id).unwrap().is_empty());
+}
+
 /// A slave that kept running through a master restart reports its attempt on reconnecting: the
 /// master adopts it (no second dispatch, no second setup), records what it finished meanwhile,
 /// and the build completes with each atom counted once.
