@@ -19,6 +19,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Bytes per message when streaming files to clients.
 const DOWNLOAD_CHUNK: usize = 256 * 1024;
+/// Shortest time between two updates of one watch stream (the final state waits at most this).
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The slave link: sessions and artifact uploads.
 #[derive(Debug, Clone)]
@@ -521,6 +523,7 @@ impl proto::builds_server::Builds for BuildsService {
             let mut build = first;
             loop {
                 let done = is_final(&build);
+                let sent_at = tokio::time::Instant::now();
                 if tx
                     .send(Ok(proto::BuildUpdate { build: Some(build) }))
                     .await
@@ -535,6 +538,16 @@ impl proto::builds_server::Builds for BuildsService {
                         Ok(_) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+                // A busy build changes thousands of times a second: send its latest state at
+                // most every WATCH_INTERVAL, so watchers do not double the actor's work.
+                tokio::time::sleep_until(sent_at + WATCH_INTERVAL).await;
+                loop {
+                    match changes.try_recv() {
+                        Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::TryRecvError::Closed) => return,
+                        Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
                     }
                 }
                 match handle.call(|r| Command::GetBuild(id, r)).await {
