@@ -30,6 +30,8 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::zipstream::ZipStream;
+
 /// File name of the gzip tar archive (served as the deprecated `artifacts.tar.gz`).
 pub const TAR_GZ_NAME: &str = "results.tar.gz";
 /// File name of the zip archive (served as `artifacts.zip`).
@@ -105,14 +107,11 @@ pub fn write_archives(
     artifact_dirs: &[String],
     failures: &[String],
 ) -> io::Result<()> {
-    let dirs: Vec<ArtifactDir> = artifact_dirs
-        .iter()
-        .map(|name| ArtifactDir {
-            name: name.clone(),
-            generated: Vec::new(),
-        })
-        .collect();
-    write_archives_from(results_dir, &dirs, failures)
+    let dirs = artifact_dirs.iter().map(|name| ArtifactDir {
+        name: name.clone(),
+        generated: Vec::new(),
+    });
+    write_archives_from(results_dir, dirs, failures)
 }
 
 /// One artifact directory of the archives: what is on disk under `results_dir/<name>` (if
@@ -127,75 +126,178 @@ pub struct ArtifactDir {
     pub generated: Vec<(String, Vec<u8>)>,
 }
 
-/// [`write_archives`] with generated files (see [`ArtifactDir`]).
+/// [`write_archives`] with generated files (see [`ArtifactDir`]), streamed: each directory is
+/// listed and written to both archives before the next is looked at, and the zip's central
+/// directory waits in a scratch file, so memory does not grow with the number of atoms.
+/// Everything is written under temporary names and renamed into place only once all is
+/// written: a bad name or an I/O error leaves the previous files as they were.
 pub fn write_archives_from(
     results_dir: &Path,
-    artifact_dirs: &[ArtifactDir],
+    artifact_dirs: impl IntoIterator<Item = ArtifactDir>,
     failures: &[String],
 ) -> io::Result<()> {
-    let names: Vec<String> = artifact_dirs.iter().map(|d| d.name.clone()).collect();
-    validate_artifact_dirs(&names)?;
     if let Some(bad) = failures.iter().find(|f| f.contains('\n')) {
         return Err(invalid_input(format!(
             "failure name {bad:?} contains a newline"
         )));
     }
-
-    let mut entries = Vec::new();
-    for dir in artifact_dirs {
-        collect_artifact_dir(results_dir, dir, &mut entries)?;
-    }
-
-    let failures_path = results_dir.join(FAILURES_NAME);
-    if failures.is_empty() {
-        match fs::remove_file(&failures_path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+    let failures_tmp = if failures.is_empty() {
+        None
     } else {
-        let content = failures.join("\n");
-        write_atomically(results_dir, FAILURES_NAME, |file| {
-            file.write_all(content.as_bytes())
-        })?;
-        let meta = fs::symlink_metadata(&failures_path)?;
-        entries.push(Entry::file(
-            FAILURES_NAME.as_bytes().to_vec(),
-            failures_path,
-            &meta,
-        ));
-    }
-
+        let mut t = TempFile::create(results_dir, FAILURES_NAME)?;
+        t.file.write_all(failures.join("\n").as_bytes())?;
+        t.file.sync_all()?;
+        Some(t)
+    };
     // The results directory itself is the caller's path, so it may be reached via a symlink.
     let root_mode = permission_bits(&fs::metadata(results_dir)?, true);
-    write_atomically(results_dir, TAR_GZ_NAME, |file| {
-        write_tar_gz(file, root_mode, &entries)
-    })?;
-    write_atomically(results_dir, ZIP_NAME, |file| write_zip(file, &entries))
+    let tar_tmp = TempFile::create(results_dir, TAR_GZ_NAME)?;
+    let zip_tmp = TempFile::create(results_dir, ZIP_NAME)?;
+    // Unlinked at once: the zip's central directory until it is copied to the archive's end.
+    let spill = TempFile::create(results_dir, "zip-directory")?.into_anonymous()?;
+
+    // GzBuilder's defaults (mtime 0, no file name) keep the gzip header reproducible.
+    let gz = flate2::GzBuilder::new().write(
+        BufWriter::new(tar_tmp.file.try_clone()?),
+        flate2::Compression::new(DEFLATE_LEVEL),
+    );
+    let mut out = Archives {
+        tar: tar::Builder::new(gz),
+        zip: ZipStream::new(
+            BufWriter::new(zip_tmp.file.try_clone()?),
+            spill,
+            DEFLATE_LEVEL,
+        ),
+    };
+    append_tar(
+        &mut out.tar,
+        b"./",
+        tar::EntryType::Directory,
+        root_mode,
+        0,
+        io::empty(),
+    )?;
+    let mut seen = HashSet::new();
+    let mut entries = Vec::new();
+    for dir in artifact_dirs {
+        check_artifact_dir(&dir.name, &mut seen)?;
+        entries.clear();
+        collect_artifact_dir(results_dir, &dir, &mut entries)?;
+        for entry in &entries {
+            out.append(entry)?;
+        }
+    }
+    if let Some(t) = &failures_tmp {
+        let meta = fs::symlink_metadata(&t.path)?;
+        out.append(&Entry::file(
+            FAILURES_NAME.as_bytes().to_vec(),
+            t.path.clone(),
+            &meta,
+        ))?;
+    }
+    out.tar
+        .into_inner()?
+        .finish()?
+        .into_inner()
+        .map_err(io::IntoInnerError::into_error)?;
+    out.zip
+        .finish()?
+        .into_inner()
+        .map_err(io::IntoInnerError::into_error)?;
+
+    // Every file complete: now replace the old ones (the tar before the zip, as the original).
+    match failures_tmp {
+        Some(t) => t.persist(FAILURES_NAME)?,
+        None => match fs::remove_file(results_dir.join(FAILURES_NAME)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        },
+    }
+    tar_tmp.persist(TAR_GZ_NAME)?;
+    zip_tmp.persist(ZIP_NAME)
+}
+
+/// The two archives being written, entry by entry.
+struct Archives {
+    tar: tar::Builder<flate2::write::GzEncoder<BufWriter<File>>>,
+    zip: ZipStream<BufWriter<File>>,
+}
+
+impl Archives {
+    /// Adds one entry to both archives (the zip holds files only, as the original's).
+    fn append(&mut self, entry: &Entry) -> io::Result<()> {
+        let mut name = b"./".to_vec();
+        name.extend_from_slice(&entry.rel);
+        match (entry.kind, &entry.content) {
+            (Kind::Dir, _) => {
+                // Directory members end in '/', as Python's tarfile writes them.
+                name.push(b'/');
+                append_tar(
+                    &mut self.tar,
+                    &name,
+                    tar::EntryType::Directory,
+                    entry.mode,
+                    0,
+                    io::empty(),
+                )
+            }
+            (Kind::File, Some(content)) => {
+                let len = content.len() as u64;
+                append_tar(
+                    &mut self.tar,
+                    &name,
+                    tar::EntryType::Regular,
+                    entry.mode,
+                    len,
+                    content.as_slice(),
+                )?;
+                self.zip
+                    .add_file(&entry.rel, entry.mode, len, content.as_slice())
+            }
+            (Kind::File, None) => {
+                // Both archives get the size seen first: a file that grows is cut there, one
+                // that shrinks is an error (see ExactReader).
+                let (file, len) = open_file(entry)?;
+                append_tar(
+                    &mut self.tar,
+                    &name,
+                    tar::EntryType::Regular,
+                    entry.mode,
+                    len,
+                    ExactReader::new(file, len, &entry.path),
+                )?;
+                let (file, _) = open_file(entry)?;
+                self.zip.add_file(
+                    &entry.rel,
+                    entry.mode,
+                    len,
+                    ExactReader::new(file, len, &entry.path),
+                )
+            }
+        }
+    }
 }
 
 fn invalid_input(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message)
 }
 
-/// Rejects names that could escape `results_dir`, collide with the files this
-/// module writes, or appear twice (which would duplicate archive entries).
-fn validate_artifact_dirs(artifact_dirs: &[String]) -> io::Result<()> {
-    let mut seen = HashSet::new();
-    for name in artifact_dirs {
-        let plain_component =
-            !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
-        let reserved = [TAR_GZ_NAME, ZIP_NAME, FAILURES_NAME].contains(&name.as_str())
-            || name.starts_with(TEMP_PREFIX);
-        if !plain_component || reserved {
-            return Err(invalid_input(format!(
-                "{name:?} is not a valid artifact directory name"
-            )));
-        }
-        if !seen.insert(name.as_str()) {
-            return Err(invalid_input(format!(
-                "artifact directory {name:?} is listed twice"
-            )));
-        }
+/// Rejects a name that could escape `results_dir`, collide with the files this module writes,
+/// or appear twice (which would duplicate archive entries).
+fn check_artifact_dir(name: &str, seen: &mut HashSet<String>) -> io::Result<()> {
+    let plain_component =
+        !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
+    let reserved =
+        [TAR_GZ_NAME, ZIP_NAME, FAILURES_NAME].contains(&name) || name.starts_with(TEMP_PREFIX);
+    if !plain_component || reserved {
+        return Err(invalid_input(format!(
+            "{name:?} is not a valid artifact directory name"
+        )));
+    }
+    if !seen.insert(name.to_owned()) {
+        return Err(invalid_input(format!(
+            "artifact directory {name:?} is listed twice"
+        )));
     }
     Ok(())
 }
@@ -472,109 +574,57 @@ impl Read for ExactReader<'_> {
     }
 }
 
-/// Removes a temporary file unless it was renamed into place.
-struct TempFileGuard {
-    path: Option<PathBuf>,
+/// A file written under a unique temporary name in its final directory (so the rename into
+/// place is atomic), removed unless it is persisted.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    persisted: bool,
 }
 
-impl Drop for TempFileGuard {
+impl TempFile {
+    fn create(dir: &Path, final_name: &str) -> io::Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(
+            "{TEMP_PREFIX}{final_name}.{}.{n}",
+            std::process::id()
+        ));
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(Self {
+            path,
+            file,
+            persisted: false,
+        })
+    }
+
+    /// Fsyncs (a crash must not leave a renamed but empty file) and renames into place.
+    fn persist(mut self, final_name: &str) -> io::Result<()> {
+        self.file.sync_all()?;
+        fs::rename(&self.path, self.path.with_file_name(final_name))?;
+        self.persisted = true;
+        Ok(())
+    }
+
+    /// The open file, with no name left on disk (scratch space freed when it is closed).
+    fn into_anonymous(mut self) -> io::Result<File> {
+        fs::remove_file(&self.path)?;
+        self.persisted = true;
+        self.file.try_clone()
+    }
+}
+
+impl Drop for TempFile {
     fn drop(&mut self) {
-        if let Some(path) = self.path.take() {
+        if !self.persisted {
             // Best effort: the write already failed and that error is what matters.
-            let _ = fs::remove_file(path);
+            let _ = fs::remove_file(&self.path);
         }
     }
-}
-
-/// Writes `dir/final_name` via a uniquely named temporary file in the same
-/// directory (so the rename is atomic) and fsyncs it before the rename so a
-/// crash cannot leave a renamed but empty file.
-fn write_atomically(
-    dir: &Path,
-    final_name: &str,
-    write: impl FnOnce(&mut File) -> io::Result<()>,
-) -> io::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp_path = dir.join(format!(
-        "{TEMP_PREFIX}{final_name}.{}.{n}",
-        std::process::id()
-    ));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp_path)?;
-    let mut guard = TempFileGuard {
-        path: Some(tmp_path.clone()),
-    };
-    write(&mut file)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp_path, dir.join(final_name))?;
-    guard.path = None;
-    Ok(())
-}
-
-fn write_tar_gz(file: &mut File, root_mode: u32, entries: &[Entry]) -> io::Result<()> {
-    // GzBuilder's defaults (mtime 0, no file name) keep the gzip header reproducible.
-    let gz = flate2::GzBuilder::new().write(
-        BufWriter::new(file),
-        flate2::Compression::new(DEFLATE_LEVEL),
-    );
-    let mut tar = tar::Builder::new(gz);
-    append_tar(
-        &mut tar,
-        b"./",
-        tar::EntryType::Directory,
-        root_mode,
-        0,
-        io::empty(),
-    )?;
-    for entry in entries {
-        let mut name = b"./".to_vec();
-        name.extend_from_slice(&entry.rel);
-        match entry.kind {
-            Kind::Dir => {
-                // Directory members end in '/', as Python's tarfile writes them.
-                name.push(b'/');
-                append_tar(
-                    &mut tar,
-                    &name,
-                    tar::EntryType::Directory,
-                    entry.mode,
-                    0,
-                    io::empty(),
-                )?;
-            }
-            Kind::File => match &entry.content {
-                Some(content) => append_tar(
-                    &mut tar,
-                    &name,
-                    tar::EntryType::Regular,
-                    entry.mode,
-                    content.len() as u64,
-                    content.as_slice(),
-                )?,
-                None => {
-                    let (file, len) = open_file(entry)?;
-                    append_tar(
-                        &mut tar,
-                        &name,
-                        tar::EntryType::Regular,
-                        entry.mode,
-                        len,
-                        ExactReader::new(file, len, &entry.path),
-                    )?;
-                }
-            },
-        }
-    }
-    let gz = tar.into_inner()?;
-    let buffered = gz.finish()?;
-    buffered
-        .into_inner()
-        .map_err(io::IntoInnerError::into_error)?;
-    Ok(())
 }
 
 /// Builds a GNU header with `name` copied verbatim: tar's own path setters
@@ -614,38 +664,6 @@ fn append_tar<W: Write>(
         tar.append(&header, long_name.as_slice())?;
     }
     tar.append(&tar_header(name, entry_type, mode, size), data)
-}
-
-fn write_zip(file: &mut File, entries: &[Entry]) -> io::Result<()> {
-    let mut zip = zip::ZipWriter::new(BufWriter::new(file));
-    for entry in entries.iter().filter(|e| e.kind == Kind::File) {
-        if let Some(content) = &entry.content {
-            let options = zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Deflated)
-                .compression_level(Some(i64::from(DEFLATE_LEVEL)))
-                .last_modified_time(zip::DateTime::DEFAULT)
-                .unix_permissions(entry.mode)
-                .system(zip::System::Unix);
-            zip.start_file_with_options(options.name(&entry.rel))?;
-            zip.write_all(content)?;
-            continue;
-        }
-        let (file, len) = open_file(entry)?;
-        let options = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated)
-            .compression_level(Some(i64::from(DEFLATE_LEVEL)))
-            .last_modified_time(zip::DateTime::DEFAULT)
-            .unix_permissions(entry.mode)
-            .system(zip::System::Unix)
-            .large_file(len >= zip::ZIP64_BYTES_THR);
-        zip.start_file_with_options(options.name(&entry.rel))?;
-        io::copy(&mut ExactReader::new(file, len, &entry.path), &mut zip)?;
-    }
-    let buffered = zip.finish()?;
-    buffered
-        .into_inner()
-        .map_err(io::IntoInnerError::into_error)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -808,9 +826,15 @@ mod tests {
             let mut entry = archive.by_index(i).expect("entry");
             let name = String::from_utf8(entry.name_raw().to_vec()).expect("utf8 name");
             assert!(entry.is_file(), "{name}");
-            assert_eq!(entry.compression(), zip::CompressionMethod::Deflated);
             let mut data = Vec::new();
             entry.read_to_end(&mut data).expect("read");
+            // Empty files are stored (as Info-ZIP and Python do), the rest deflated.
+            let method = if data.is_empty() {
+                zip::CompressionMethod::Stored
+            } else {
+                zip::CompressionMethod::Deflated
+            };
+            assert_eq!(entry.compression(), method, "{name}");
             out.push((name, data));
         }
         out
@@ -945,6 +969,30 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         // Nothing was written for rejected input.
         assert!(top_level_names(tmp.path()).is_empty());
+    }
+
+    /// Names are checked while streaming: a bad one found after others were written still
+    /// leaves the previous archives and failures.txt exactly as they were, and no scratch files.
+    #[test]
+    fn a_bad_name_late_in_the_stream_changes_nothing() {
+        let tmp = build_results_dir();
+        let root = tmp.path();
+        write_archives(root, &artifact_dirs(), &failures()).expect("archives");
+        let before: Vec<Vec<u8>> = [TAR_GZ_NAME, ZIP_NAME, FAILURES_NAME]
+            .iter()
+            .map(|n| fs::read(root.join(n)).expect("read"))
+            .collect();
+        let names_before = top_level_names(root);
+        let mut dirs = artifact_dirs();
+        dirs.push("../escape".to_owned());
+        let err = write_archives(root, &dirs, &["artifact_0_0".to_owned()]).expect_err("bad");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let after: Vec<Vec<u8>> = [TAR_GZ_NAME, ZIP_NAME, FAILURES_NAME]
+            .iter()
+            .map(|n| fs::read(root.join(n)).expect("read"))
+            .collect();
+        assert!(before == after, "files changed by a rejected call");
+        assert_eq!(top_level_names(root), names_before);
     }
 
     #[test]

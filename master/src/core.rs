@@ -15,7 +15,7 @@
 //! one attempt.
 use crate::error::{MasterError, Result};
 use crate::metrics::{self, Metrics};
-use crate::results::{ArchiveKind, CONSOLE_FILE, ResultsJob, ResultsLayout};
+use crate::results::{ArchiveKind, ArchivedAtom, CONSOLE_FILE, ResultsJob, ResultsLayout};
 use crate::store::Store;
 use ish_core::proto::{self, master_message::Msg as Down, slave_message::Msg as Up};
 use ish_core::state::{BuildEvent, BuildState};
@@ -680,27 +680,22 @@ impl Build {
     /// Artifact directory names of every atom, and of the failed ones, in (subjob, atom) order.
     /// Every atom's artifact directory with its bookkeeping files (generated, not stored per
     /// atom), and the names of the failed atoms' directories, in (subjob, atom) order.
-    fn artifact_dirs(&self) -> (Vec<crate::archive::ArtifactDir>, Vec<String>) {
-        let commands = self
-            .job
-            .as_ref()
-            .map(|j| j.commands.as_str())
-            .unwrap_or_default();
+    fn archived_atoms(&self) -> (Vec<ArchivedAtom>, Vec<String>) {
         let mut all = Vec::with_capacity(self.num_atoms as usize);
         let mut failed = Vec::new();
         for (sid, s) in self.subjobs.iter().enumerate() {
             for a in &s.atoms {
-                let name = crate::archive::artifact_dir_name(sid as u32, a.id);
                 let exit_code = a.exit_code.unwrap_or(-1);
                 if exit_code != 0 {
-                    failed.push(name.clone());
+                    failed.push(crate::archive::artifact_dir_name(sid as u32, a.id));
                 }
-                let generated = crate::results::atom_files(
-                    &jobconfig::atom_command(&a.command_string, commands),
+                all.push(ArchivedAtom {
+                    subjob: sid as u32,
+                    atom: a.id,
+                    command_string: a.command_string.clone(),
                     exit_code,
-                    a.actual_time.unwrap_or_default(),
-                );
-                all.push(crate::archive::ArtifactDir { name, generated });
+                    seconds: a.actual_time.unwrap_or_default(),
+                });
             }
         }
         (all, failed)
@@ -2104,11 +2099,16 @@ impl Core {
             return;
         }
         b.archiving = true;
-        let (dirs, failures) = b.artifact_dirs();
+        let (atoms, failures) = b.archived_atoms();
         let (tx, rx) = oneshot::channel();
         let _ = self.results.send(ResultsJob::Archive {
             build: id,
-            dirs,
+            commands: b
+                .job
+                .as_ref()
+                .map(|j| j.commands.clone())
+                .unwrap_or_default(),
+            atoms,
             failures,
             done: tx,
         });

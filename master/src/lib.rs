@@ -20,6 +20,8 @@ pub mod grpc;
 pub mod metrics;
 pub mod results;
 pub mod store;
+/// Streaming ZIP writer for `results.zip`: constant memory whatever the entry count.
+pub mod zipstream;
 
 pub use config::MasterConfig;
 pub use error::MasterError;

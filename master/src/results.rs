@@ -13,6 +13,7 @@
 //! All changes go through one ordered queue ([`ResultsJob`]) so an archive is only written after
 //! every promotion queued before it, without any lock.
 use crate::archive;
+use ish_core::jobconfig;
 use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,6 +21,21 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug, Clone)]
 pub struct ResultsLayout {
     root: PathBuf,
+}
+
+/// What the archives need of one atom.
+#[derive(Debug, Clone)]
+pub struct ArchivedAtom {
+    /// Subjob id.
+    pub subjob: u32,
+    /// Atom id.
+    pub atom: u32,
+    /// The atom's own command string (`export X="1";`).
+    pub command_string: String,
+    /// Exit code (-1 when it has none).
+    pub exit_code: i32,
+    /// Run time in seconds.
+    pub seconds: f64,
 }
 
 /// Which archive.
@@ -105,8 +121,10 @@ pub enum ResultsJob {
     Archive {
         /// Build.
         build: u64,
-        /// Artifact directories in (subjob, atom) order, with their bookkeeping files.
-        dirs: Vec<archive::ArtifactDir>,
+        /// The job's commands (the bookkeeping `clusterrunner_command` is atom + commands).
+        commands: String,
+        /// Every atom, in (subjob, atom) order: compact, its files are generated as written.
+        atoms: Vec<ArchivedAtom>,
         /// Names of the failed atoms' directories, same order.
         failures: Vec<String>,
         /// Told the outcome.
@@ -157,21 +175,25 @@ pub async fn run(
             }
             ResultsJob::Archive {
                 build,
-                dirs,
+                commands,
+                atoms,
                 failures,
                 done,
             } => {
                 let res = tokio::task::spawn_blocking(move || {
                     let dir = layout.build_dir(build);
                     std::fs::create_dir_all(&dir)?;
-                    let mut dirs = dirs;
-                    for d in &mut dirs {
+                    let dirs = atoms.into_iter().map(|a| {
+                        let name = archive::artifact_dir_name(a.subjob, a.atom);
+                        let command = jobconfig::atom_command(&a.command_string, &commands);
+                        let mut generated = atom_files(&command, a.exit_code, a.seconds);
                         // An atom that printed nothing has no console file: an empty one.
-                        if !dir.join(&d.name).join(CONSOLE_FILE).exists() {
-                            d.generated.push((CONSOLE_FILE.to_string(), Vec::new()));
+                        if !dir.join(&name).join(CONSOLE_FILE).exists() {
+                            generated.push((CONSOLE_FILE.to_string(), Vec::new()));
                         }
-                    }
-                    archive::write_archives_from(&dir, &dirs, &failures)
+                        archive::ArtifactDir { name, generated }
+                    });
+                    archive::write_archives_from(&dir, dirs, &failures)
                 })
                 .await;
                 let outcome = match res {

@@ -240,12 +240,16 @@ impl Harness {
         while let Ok(job) = self.results.try_recv() {
             if let ResultsJob::Archive {
                 build,
-                dirs,
+                atoms,
                 failures,
                 done,
+                ..
             } = job
             {
-                let names = dirs.into_iter().map(|d| d.name).collect();
+                let names = atoms
+                    .iter()
+                    .map(|a| crate::archive::artifact_dir_name(a.subjob, a.atom))
+                    .collect();
                 archives.push((build, names, failures));
                 done.send(Ok(())).unwrap();
             }
