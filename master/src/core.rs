@@ -274,6 +274,20 @@ struct Build {
     grouping_durable: bool,
     /// Slaves that failed to get the project (not asked to prepare it again).
     prepare_excluded: BTreeSet<u64>,
+    /// Set once the build is final: then `subjobs` is emptied and its atoms are read from the
+    /// store on demand, so memory does not grow with the history of builds.
+    summary: Option<FinalSummary>,
+}
+
+/// What a final build keeps in memory of its atoms.
+#[derive(Debug, Default)]
+struct FinalSummary {
+    num_subjobs: u32,
+    /// Failed and flaky atoms of a FINISHED build (empty otherwise), in (subjob, atom) order.
+    failed: Vec<proto::Atom>,
+    flaky: Vec<proto::Atom>,
+    /// Sum of the atoms' run times.
+    serialized_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -576,7 +590,35 @@ impl Build {
             artifact_bytes: 0,
             grouping_durable: false,
             prepare_excluded: BTreeSet::new(),
+            summary: None,
         }
+    }
+
+    fn num_subjobs(&self) -> u32 {
+        self.summary
+            .as_ref()
+            .map_or(self.subjobs.len() as u32, |s| s.num_subjobs)
+    }
+
+    /// Drops a final build's atoms from memory, keeping what status reads need.
+    fn evict(&mut self) {
+        if !self.state.is_final() || self.summary.is_some() {
+            return;
+        }
+        let atoms = || self.subjobs.iter().flat_map(|s| &s.atoms);
+        let finished = self.state == BuildState::Finished;
+        let summary = FinalSummary {
+            num_subjobs: self.subjobs.len() as u32,
+            failed: atoms()
+                .filter(|a| finished && a.exit_code.is_some_and(|c| c != 0))
+                .cloned()
+                .collect(),
+            flaky: atoms().filter(|a| finished && a.flaky).cloned().collect(),
+            serialized_seconds: atoms().filter_map(|a| a.actual_time).sum(),
+        };
+        self.summary = Some(summary);
+        self.subjobs = Vec::new();
+        self.pending = VecDeque::new();
     }
 
     /// Applies an event through the state machine. An illegal event is logged and refused.
@@ -631,8 +673,14 @@ impl Build {
                 Vec::new()
             }
         };
-        let failed_atoms = list(|a| a.exit_code.is_some_and(|c| c != 0));
-        let flaky_atoms = list(|a| a.flaky);
+        let (failed_atoms, flaky_atoms) = match &self.summary {
+            Some(s) if with_failed_atoms => (s.failed.clone(), s.flaky.clone()),
+            Some(_) => (Vec::new(), Vec::new()),
+            None => (
+                list(|a| a.exit_code.is_some_and(|c| c != 0)),
+                list(|a| a.flaky),
+            ),
+        };
         proto::Build {
             id: self.id,
             state: proto::BuildState::from(self.state) as i32,
@@ -641,7 +689,7 @@ impl Build {
             request: Some(self.request.clone()),
             job_name: self.job_name(),
             commit: self.commit.clone(),
-            num_subjobs: self.subjobs.len() as u32,
+            num_subjobs: self.num_subjobs(),
             completed_subjobs: self.completed_subjobs,
             num_atoms: self.num_atoms,
             completed_atoms: self.completed_atoms,
@@ -669,11 +717,12 @@ impl Build {
 
     fn to_record(&self) -> proto::StoredBuild {
         proto::StoredBuild {
-            build: Some(self.to_proto(false)),
+            build: Some(self.to_proto(self.summary.is_some())),
             job: self.job.clone(),
             project_key: self.project_key.clone(),
             setup_failures: self.setup_failures,
             prepare_attempts: self.prepare_attempts,
+            serialized_seconds: self.summary.as_ref().map_or(0.0, |s| s.serialized_seconds),
         }
     }
 
@@ -772,6 +821,26 @@ impl Core {
             b.setup_failures = rec.setup_failures;
             b.prepare_attempts = rec.prepare_attempts;
             let n_subjobs = pb.num_subjobs as usize;
+            // A final build stored with its failed and flaky atoms needs none of its atoms in
+            // memory (older records lack them: those are read and summarised below).
+            if b.state.is_final()
+                && pb.failed_atoms.len() == pb.failed_atom_count as usize
+                && pb.flaky_atoms.len() == pb.flaky_atom_count as usize
+            {
+                b.num_atoms = pb.num_atoms;
+                b.completed_atoms = pb.completed_atoms;
+                b.completed_subjobs = pb.completed_subjobs;
+                b.failed_atoms = pb.failed_atom_count;
+                b.flaky_atoms = pb.flaky_atom_count;
+                b.summary = Some(FinalSummary {
+                    num_subjobs: pb.num_subjobs,
+                    failed: pb.failed_atoms,
+                    flaky: pb.flaky_atoms,
+                    serialized_seconds: rec.serialized_seconds,
+                });
+                self.builds.insert(b.id, b);
+                continue;
+            }
             if n_subjobs > 0 {
                 let mut subjobs: Vec<Subjob> = (0..n_subjobs)
                     .map(|_| Subjob {
@@ -853,7 +922,13 @@ impl Core {
                 tracing::info!(build = id, state = ?b.state, pending = b.pending.len(), "resuming build after restart");
                 self.active.insert(id);
             }
+            let summarised = b.state.is_final();
+            b.evict();
             self.builds.insert(id, b);
+            if summarised {
+                // An older record: store the summary so the next start skips the atoms.
+                self.persist(id);
+            }
         }
         let ids: Vec<u64> = self.active.iter().copied().collect();
         for id in ids {
@@ -952,14 +1027,10 @@ impl Core {
                     .or_insert_with(|| metrics::Histogram::new(&metrics::DURATION_BUCKETS))
                     .observe((w[1].1 - w[0].1).max(0.0));
             }
-            if b.state == BuildState::Finished {
-                serialized.observe(
-                    b.subjobs
-                        .iter()
-                        .flat_map(|s| &s.atoms)
-                        .filter_map(|a| a.actual_time)
-                        .sum(),
-                );
+            if b.state == BuildState::Finished
+                && let Some(s) = &b.summary
+            {
+                serialized.observe(s.serialized_seconds);
             }
         }
         for (state, h) in &durations {
@@ -1331,6 +1402,9 @@ impl Core {
             .as_ref()
             .map(|j| j.commands.clone())
             .unwrap_or_default();
+        if let Some(sum) = &b.summary {
+            return self.list_stored_subjobs(id, sum.num_subjobs, offset, take, &command);
+        }
         let subjobs = b
             .subjobs
             .iter()
@@ -1359,16 +1433,80 @@ impl Core {
         })
     }
 
+    /// `list_subjobs` of a final build: its atoms are read from the store.
+    fn list_stored_subjobs(
+        &self,
+        id: u64,
+        num_subjobs: u32,
+        offset: u32,
+        take: usize,
+        command: &str,
+    ) -> Result<proto::ListSubjobsResponse> {
+        let start = offset.min(num_subjobs);
+        let end = (u64::from(start) + take as u64).min(u64::from(num_subjobs)) as u32;
+        let attempts: HashMap<u32, u32> = self
+            .store
+            .load_attempts_range(id, start..end)?
+            .into_iter()
+            .collect();
+        let mut subjobs: Vec<proto::Subjob> = (start..end)
+            .map(|i| proto::Subjob {
+                build_id: id,
+                id: i,
+                attempts: attempts.get(&i).copied().unwrap_or(0),
+                command: command.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        for mut a in self.store.load_atoms_range(id, start..end)? {
+            let Some(s) = subjobs.get_mut((a.subjob_id - start) as usize) else {
+                continue;
+            };
+            a.state = if a.exit_code.is_some() {
+                proto::AtomState::Completed
+            } else {
+                proto::AtomState::NotStarted
+            } as i32;
+            if !a.slave.is_empty() {
+                s.slave = a.slave.clone();
+            }
+            s.atoms.push(a);
+        }
+        for s in &mut subjobs {
+            let done = !s.atoms.is_empty() && s.atoms.iter().all(|a| a.exit_code.is_some());
+            s.state = if done {
+                proto::SubjobState::Completed
+            } else {
+                proto::SubjobState::Pending
+            } as i32;
+        }
+        Ok(proto::ListSubjobsResponse {
+            subjobs,
+            total: num_subjobs,
+        })
+    }
+
     fn console(&self, id: u64, subjob: u32, atom: u32) -> Result<ConsoleLocation> {
         let b = self.builds.get(&id).ok_or_else(|| unknown_build(id))?;
-        let s = b
-            .subjobs
-            .get(subjob as usize)
-            .ok_or_else(|| MasterError::NotFound("Invalid subjob id.".into()))?;
-        let a = s
-            .atoms
-            .get(atom as usize)
-            .ok_or_else(|| MasterError::NotFound("Invalid atom id.".into()))?;
+        let bad_subjob = || MasterError::NotFound("Invalid subjob id.".into());
+        let bad_atom = || MasterError::NotFound("Invalid atom id.".into());
+        let (a, running) = match &b.summary {
+            Some(sum) => {
+                if subjob >= sum.num_subjobs {
+                    return Err(bad_subjob());
+                }
+                let a = self
+                    .store
+                    .get_atom(id, subjob, atom)?
+                    .ok_or_else(bad_atom)?;
+                (std::borrow::Cow::Owned(a), None)
+            }
+            None => {
+                let s = b.subjobs.get(subjob as usize).ok_or_else(bad_subjob)?;
+                let a = s.atoms.get(atom as usize).ok_or_else(bad_atom)?;
+                (std::borrow::Cow::Borrowed(a), s.running)
+            }
+        };
         if a.exit_code.is_some() {
             // Until promoted, the console is the attempt's uploaded one or what streamed in.
             let pending = if a.attempt > 0 {
@@ -1387,7 +1525,7 @@ impl Core {
                 complete: true,
             });
         }
-        match s.running {
+        match running {
             Some(attempt) if !b.state.is_final() => Ok(ConsoleLocation {
                 path: self.layout.live_console(id, attempt, subjob, atom),
                 pending: Vec::new(),
@@ -2212,6 +2350,9 @@ impl Core {
         }
         for sid in teardown_on {
             self.send(sid, Down::Teardown(proto::Teardown { build_id: id }));
+        }
+        if let Some(b) = self.builds.get_mut(&id) {
+            b.evict();
         }
         self.persist(id);
         // A final build is never prepared again; its atoms (if any) are stored as atoms.

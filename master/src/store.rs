@@ -163,11 +163,54 @@ impl Store {
 
     /// A build's atoms, ordered by (subjob, atom).
     pub fn load_atoms(&self, build: u64) -> Result<Vec<proto::Atom>> {
+        self.load_atoms_range(build, 0..u32::MAX)
+    }
+
+    /// The atoms of subjobs `subjobs` of a build, ordered by (subjob, atom).
+    pub fn load_atoms_range(
+        &self,
+        build: u64,
+        subjobs: std::ops::Range<u32>,
+    ) -> Result<Vec<proto::Atom>> {
         self.atoms
-            .scan_prefix(build.to_be_bytes())
+            .range(atom_key(build, subjobs.start, 0)..atom_key(build, subjobs.end, 0))
             .map(|kv| {
                 let (_, v) = kv?;
                 proto::Atom::decode(v.as_ref()).map_err(|e| MasterError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// One atom of a build.
+    pub fn get_atom(&self, build: u64, subjob: u32, atom: u32) -> Result<Option<proto::Atom>> {
+        self.atoms
+            .get(atom_key(build, subjob, atom))?
+            .map(|v| {
+                proto::Atom::decode(v.as_ref()).map_err(|e| MasterError::Corrupt(e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// Dispatch counts of subjobs `subjobs` of a build: (subjob id, count).
+    pub fn load_attempts_range(
+        &self,
+        build: u64,
+        subjobs: std::ops::Range<u32>,
+    ) -> Result<Vec<(u32, u32)>> {
+        let (from, to) = (
+            atom_key(build, subjobs.start, 0),
+            atom_key(build, subjobs.end, 0),
+        );
+        self.attempts
+            .range(from[..12].to_vec()..to[..12].to_vec())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let sj = k.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok());
+                let n = <[u8; 4]>::try_from(v.as_ref()).ok();
+                match (sj, n) {
+                    (Some(sj), Some(n)) => Ok((u32::from_be_bytes(sj), u32::from_be_bytes(n))),
+                    _ => Err(MasterError::Corrupt("bad attempts record".into())),
+                }
             })
             .collect()
     }
@@ -214,18 +257,7 @@ impl Store {
 
     /// Dispatch counts of a build's subjobs: (subjob id, count).
     pub fn load_attempts(&self, build: u64) -> Result<Vec<(u32, u32)>> {
-        self.attempts
-            .scan_prefix(build.to_be_bytes())
-            .map(|kv| {
-                let (k, v) = kv?;
-                let sj = k.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok());
-                let n = <[u8; 4]>::try_from(v.as_ref()).ok();
-                match (sj, n) {
-                    (Some(sj), Some(n)) => Ok((u32::from_be_bytes(sj), u32::from_be_bytes(n))),
-                    _ => Err(MasterError::Corrupt("bad attempts record".into())),
-                }
-            })
-            .collect()
+        self.load_attempts_range(build, 0..u32::MAX)
     }
 
     /// Recorded atom times of a job: atom command string -> seconds.

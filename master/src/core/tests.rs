@@ -1176,3 +1176,127 @@ async fn a_failed_fetch_is_retried_on_another_slave() {
     assert_eq!(state(&b), proto::BuildState::Error);
     assert_eq!(b.error_message, "No jobs found in the config.");
 }
+
+/// A final build keeps only a summary in memory: its atoms live in the store, and every read
+/// (status with failed and flaky atoms, subjob pages, console paths) answers from there, the
+/// same before and after a restart.
+#[tokio::test]
+async fn a_final_build_is_evicted_and_still_answers_from_the_store() {
+    let store = Store::temporary().unwrap();
+    let mut h = Harness::with_store(store.clone());
+    let mut s = h.slave("s", 3);
+    let id = h.submit(dir_request(CONFIG)).await;
+    assert!(matches!(s.next(), Some(D::Prepare(_))));
+    h.prepared(&s, id, job(0, 0), atoms(3)).await;
+    assert!(matches!(s.next(), Some(D::Setup(_))));
+    h.setup_ok(&s, id);
+    let runs = run_subjobs(&s.all());
+    assert_eq!(runs.len(), 3);
+    // Subjob 0 fails, subjob 1 passes on its second try (flaky), subjob 2 passes.
+    for (r, (exit_code, tries)) in runs.iter().zip([(3, 1), (0, 2), (0, 1)]) {
+        let a = &r.atoms[0];
+        h.from(
+            &s,
+            Up::AtomResult(proto::AtomResult {
+                build_id: id,
+                subjob_id: r.subjob_id,
+                atom_id: a.atom_id,
+                attempt: r.attempt,
+                exit_code,
+                tries,
+                seconds: 0.5,
+                ..Default::default()
+            }),
+        );
+        h.from(
+            &s,
+            Up::SubjobDone(proto::SubjobDone {
+                build_id: id,
+                subjob_id: r.subjob_id,
+                attempt: r.attempt,
+            }),
+        );
+    }
+    h.run_results().await;
+    assert!(h.core.builds[&id].subjobs.is_empty(), "atoms evicted");
+
+    let answers = |h: &mut Harness| {
+        let b = h.build(id);
+        let all = h
+            .call(|reply| Command::ListSubjobs {
+                build: id,
+                offset: 0,
+                limit: 0,
+                reply,
+            })
+            .unwrap();
+        let page = h
+            .call(|reply| Command::ListSubjobs {
+                build: id,
+                offset: 1,
+                limit: 1,
+                reply,
+            })
+            .unwrap();
+        let console = h
+            .call(|reply| Command::Console {
+                build: id,
+                subjob: 2,
+                atom: 0,
+                reply,
+            })
+            .unwrap();
+        let bad_subjob = h.call(|reply| Command::Console {
+            build: id,
+            subjob: 3,
+            atom: 0,
+            reply,
+        });
+        let bad_atom = h.call(|reply| Command::Console {
+            build: id,
+            subjob: 0,
+            atom: 1,
+            reply,
+        });
+        assert!(matches!(bad_subjob, Err(MasterError::NotFound(_))));
+        assert!(matches!(bad_atom, Err(MasterError::NotFound(_))));
+        (b, all, page, console.path, console.complete)
+    };
+    let before = answers(&mut h);
+    let (b, all, page, path, complete) = before.clone();
+    assert_eq!(state(&b), proto::BuildState::Finished);
+    assert_eq!(b.num_subjobs, 3);
+    assert_eq!(b.completed_atoms, 3);
+    assert_eq!(b.failed_atom_count, 1);
+    assert_eq!(b.flaky_atom_count, 1);
+    let ids = |v: &[proto::Atom]| v.iter().map(|a| (a.subjob_id, a.id)).collect::<Vec<_>>();
+    assert_eq!(ids(&b.failed_atoms), [(0, 0)]);
+    assert_eq!(b.failed_atoms[0].exit_code, Some(3));
+    assert_eq!(ids(&b.flaky_atoms), [(1, 0)]);
+    assert_eq!(all.total, 3);
+    assert_eq!(all.subjobs.len(), 3);
+    for (i, sj) in all.subjobs.iter().enumerate() {
+        assert_eq!(sj.id, i as u32);
+        assert_eq!(sj.state, proto::SubjobState::Completed as i32);
+        assert_eq!(sj.slave, "s");
+        assert_eq!(sj.atoms.len(), 1);
+        assert_eq!(sj.atoms[0].state, proto::AtomState::Completed as i32);
+    }
+    assert_eq!(all.subjobs[0].atoms[0].exit_code, Some(3));
+    assert_eq!(page.total, 3);
+    assert_eq!(page.subjobs, all.subjobs[1..2]);
+    assert_eq!(path, h.core.layout.atom_dir(id, 2, 0).join(CONSOLE_FILE));
+    assert!(complete);
+
+    // A new master over the same database answers the same, without loading the atoms.
+    drop(h);
+    let mut h = Harness::with_store(store);
+    h.core.recover().unwrap();
+    assert!(h.core.builds[&id].subjobs.is_empty());
+    let after = answers(&mut h);
+    assert_eq!(after.0, before.0);
+    assert_eq!(after.1, before.1);
+    assert_eq!(after.2, before.2);
+    assert_eq!(after.4, before.4);
+    assert_eq!(after.3, h.core.layout.atom_dir(id, 2, 0).join(CONSOLE_FILE));
+}
