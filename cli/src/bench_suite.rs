@@ -624,8 +624,11 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
     /// What the simulated slaves observe, shared by all of them.
     #[derive(Default)]
     struct Observed {
-        /// Executor free → next work arrived, one per dispatch.
+        /// Executor freed by a finished subjob → next work arrived.
         latencies: Vec<Duration>,
+        /// Setup done → first work of each executor: every executor of the fleet is freed at
+        /// once when a build starts, so this is the start-up wave, reported apart.
+        ramp: Vec<Duration>,
         first_dispatch: Option<Instant>,
         last_done: Option<Instant>,
     }
@@ -654,8 +657,12 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
                 .session(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await?
                 .into_inner();
-            // When each executor slot became free (the latency of the next dispatch to it).
-            let free_since = Arc::new(Mutex::new(vec![Instant::now(); executors as usize]));
+            // When each executor slot became free (the latency of the next dispatch to it), and
+            // whether by a finished subjob (steady state) or by the build's setup (start-up).
+            let free_since = Arc::new(Mutex::new(vec![
+                (Instant::now(), false);
+                executors as usize
+            ]));
             while let Some(m) = inbound.message().await? {
                 match m.msg {
                     Some(Down::Prepare(p)) => {
@@ -679,16 +686,24 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
                             error: String::new(),
                         })))
                         .await?;
-                        free_since.lock().expect("poisoned").fill(Instant::now());
+                        free_since
+                            .lock()
+                            .expect("poisoned")
+                            .fill((Instant::now(), false));
                     }
                     Some(Down::RunSubjob(r)) => {
                         let now = Instant::now();
                         let slot = r.executor_index as usize % executors as usize;
                         {
-                            let since = free_since.lock().expect("poisoned")[slot];
+                            let (since, steady) = free_since.lock().expect("poisoned")[slot];
                             let mut o = observed.lock().expect("poisoned");
                             o.first_dispatch.get_or_insert(now);
-                            o.latencies.push(now.duration_since(since));
+                            let waited = now.duration_since(since);
+                            if steady {
+                                o.latencies.push(waited);
+                            } else {
+                                o.ramp.push(waited);
+                            }
                         }
                         // Atom times spread evenly over 0.5–1.5 × the mean (deterministic), so
                         // executors do not all finish in the same instant wave after wave.
@@ -716,7 +731,7 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
                                 .await?;
                             }
                             let done = Instant::now();
-                            free_since.lock().expect("poisoned")[slot] = done;
+                            free_since.lock().expect("poisoned")[slot] = (done, true);
                             tx.send(send(Up::SubjobDone(proto::SubjobDone {
                                 build_id: r.build_id,
                                 subjob_id: r.subjob_id,
@@ -764,7 +779,9 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
     }
     let project = tmp.0.join("project");
     std::fs::create_dir_all(&project)?;
-    let mut phase = async |n: usize, work: Duration| -> anyhow::Result<(f64, Vec<Duration>, f64)> {
+    let mut phase = async |n: usize,
+                           work: Duration|
+           -> anyhow::Result<(f64, Vec<Duration>, Vec<Duration>, f64)> {
         *observed.lock().expect("poisoned") = Observed::default();
         work_us.store(work.as_micros() as u64, Ordering::Relaxed);
         let mut req = dir_request(&project);
@@ -778,18 +795,21 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
         let start = o.first_dispatch.context("no dispatch seen")?;
         // Dispatching ends with the last subjob done; the archives are written after it.
         let end = o.last_done.context("no subjob done")?;
-        if o.latencies.len() != n {
-            bail!("B3: {} dispatches seen for {n} atoms", o.latencies.len());
+        let seen = o.latencies.len() + o.ramp.len();
+        if seen != n {
+            bail!("B3: {seen} dispatches seen for {n} atoms");
         }
         let rate = n as f64 / end.duration_since(start).as_secs_f64();
-        let mut lat = o.latencies;
+        let (mut lat, mut ramp) = (o.latencies, o.ramp);
         lat.sort();
-        Ok((rate, lat, finished.duration_since(end).as_secs_f64()))
+        ramp.sort();
+        let archive_s = finished.duration_since(end).as_secs_f64();
+        Ok((rate, lat, ramp, archive_s))
     };
-    let (rate, lat, archive_s) = phase(atoms, Duration::ZERO).await?;
+    let (rate, lat, _, archive_s) = phase(atoms, Duration::ZERO).await?;
     let total_executors = slaves as f64 * f64::from(executors);
     let work = Duration::from_secs_f64(total_executors / offered_rate);
-    let (loaded_rate, loaded_lat, _) = phase(loaded_atoms, work).await?;
+    let (loaded_rate, loaded_lat, ramp, _) = phase(loaded_atoms, work).await?;
     let rss = master.peak_rss_mib();
     drop(master);
     for t in tasks {
@@ -840,6 +860,15 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
             format!("{:.2} ms", p(&loaded_lat, 99.0)),
             "< 20 ms",
             Some(p(&loaded_lat, 99.0) < 20.0),
+        ),
+        Row::new(
+            format!(
+                "B3 offered load: start-up wave, setup → first work of all {} executors, p50 / p99",
+                total_executors
+            ),
+            format!("{:.1} / {:.1} ms", p(&ramp, 50.0), p(&ramp, 99.0)),
+            "",
+            None,
         ),
         Row::new(
             "B3 master peak RSS",

@@ -31,7 +31,7 @@ pub struct Store {
 }
 
 /// sled's in-memory page cache.
-const DB_CACHE_BYTES: u64 = 64 << 20;
+const DB_CACHE_BYTES: u64 = 16 << 20;
 
 /// Atoms written per sled batch.
 const ATOM_BATCH: usize = 1024;
