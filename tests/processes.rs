@@ -1315,3 +1315,44 @@ async fn setup_exclusion_timeouts_and_flaky_atoms_with_real_binaries() {
     );
     c.stop();
 }
+
+/// The benchmark suite in its small form, as CI's smoke test: every benchmark runs end to end
+/// with its correctness checks (each atom ran once, consoles arrive whole, builds finish); the
+/// figures are printed, never asserted (speed is measured by `ish bench suite` itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_suite_runs_in_its_quick_form() {
+    let child = tokio::process::Command::new(ISH)
+        .args(["bench", "suite", "--quick"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("the quick suite finishes within 5 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "ish bench suite --quick failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "| B1 100 atoms of `true`",
+        "| B1 xargs -P 8 floor",
+        "| B1 ratio to the floor",
+        "| B2 40 skewed atoms, 8 executors, queue dispatch",
+        "| B2 40 skewed atoms, 8 executors, ClusterRunner grouping",
+        "| B3 20 simulated slaves × 4, 2000 zero-work atoms: dispatches/s",
+        "| B3 offered load: dispatch latency p99",
+        "| B3 master peak RSS",
+        "| B4 console of one atom writing 5 MB",
+        "| B4 slave peak RSS",
+        "| B5 submit → first atom running, p99 of 5",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
+}

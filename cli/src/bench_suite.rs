@@ -354,6 +354,14 @@ pub async fn b2(scale: Scale) -> anyhow::Result<Vec<Row>> {
             .flat_map(|s| &s.atoms)
             .filter_map(|a| a.actual_time)
             .collect();
+        if times.len() != n || build.completed_atoms as usize != n || build.failed_atom_count != 0 {
+            bail!(
+                "B2 ({mode}): {} atom times for {n} atoms, {} completed, {} failed",
+                times.len(),
+                build.completed_atoms,
+                build.failed_atom_count
+            );
+        }
         let total: f64 = times.iter().sum();
         let longest = times.iter().copied().fold(0.0, f64::max);
         let lower = (total / executors).max(longest);
@@ -501,10 +509,12 @@ pub async fn b4(scale: Scale) -> anyhow::Result<Vec<Row>> {
     )?;
     let project = tmp.0.join("project");
     std::fs::create_dir_all(&project)?;
+    // Atoms run under `bash -o pipefail`: `yes` ends by SIGPIPE when `head` has enough, which
+    // is the plan here, not a failure.
     std::fs::write(
         project.join("clusterrunner.yaml"),
         format!(
-            "B4:\n  commands: ['yes 0123456789abcdef0123456789abcdef012345678 | head -c {bytes}']\n  atomizers: [{{N: 'echo 1'}}]\n"
+            "B4:\n  commands: ['(yes 0123456789abcdef0123456789abcdef012345678 || true) | head -c {bytes}']\n  atomizers: [{{N: 'echo 1'}}]\n"
         ),
     )?;
     let (mut b, _) = crate::local::connect(&url, &secret, Duration::from_secs(10)).await?;
@@ -556,10 +566,33 @@ pub async fn b4(scale: Scale) -> anyhow::Result<Vec<Row>> {
         .watch(proto::WatchBuildRequest { build_id: id })
         .await?
         .into_inner();
+    let mut last = None;
     while let Some(u) = watch.next().await {
-        let _ = u?;
+        last = u?.build;
     }
     let (m_rss, s_rss) = (master.peak_rss_mib(), slave.peak_rss_mib());
+    let build = last.context("no build update")?;
+    if proto::BuildState::try_from(build.state) != Ok(proto::BuildState::Finished)
+        || build.failed_atom_count != 0
+    {
+        bail!(
+            "B4: build {id} ended in {:?}: {}",
+            build.state,
+            build.error_message
+        );
+    }
+    // Every byte arrived, once: the atom's console in the results is exactly the output.
+    let console = tmp
+        .0
+        .join("master")
+        .join("results")
+        .join(id.to_string())
+        .join(ish_master::archive::artifact_dir_name(0, 0))
+        .join(ish_master::results::CONSOLE_FILE);
+    let stored = std::fs::metadata(&console)?.len();
+    if stored != bytes {
+        bail!("B4: the stored console has {stored} bytes, the atom wrote {bytes}");
+    }
     drop(slave);
     drop(master);
     let mb = bytes as f64 / 1e6;

@@ -65,7 +65,8 @@ pub async fn run_session(
         channel,
         worker.shared.auth.clone(),
     );
-    let (tx, rx) = mpsc::channel::<proto::SlaveMessage>(1024);
+    // Between the outbox and the wire: small, the outbox is where messages wait.
+    let (tx, rx) = mpsc::channel::<proto::SlaveMessage>(64);
     let (attempts, builds) = worker.report();
     let held = attempts.len();
     let register = proto::SlaveMessage {

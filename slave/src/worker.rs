@@ -37,8 +37,9 @@ pub type LinkClient =
 const UPLOAD_CHUNK: usize = 256 * 1024;
 /// Bytes of setup/teardown/atomizer output kept for error messages.
 const ERROR_TAIL: usize = 4 * 1024;
-/// Messages waiting for a session before senders wait.
-const OUTBOX: usize = 4096;
+/// Messages waiting for a session before senders wait. Console chunks are up to 64 KiB, so
+/// this bounds what a slow master makes the slave hold (16 MiB), whatever an atom prints.
+const OUTBOX: usize = 256;
 
 /// Settings and services every part of the slave shares.
 #[derive(Debug)]
