@@ -7,7 +7,8 @@
 //! - `attempts`: build id (BE u64) + subjob id (BE u32) -> dispatch count (BE u32)
 //! - `overrides`: build id (BE u64) -> JSON list of the request's `atoms_override`, kept apart
 //!   from the build record, which is rewritten on every state change and read on every poll
-//! - `timings`: project key + `\0` + job name -> JSON `{"<atom command string>": seconds}`
+//! - `groupings`: build id + first subjob id + first atom id -> `StoredAtoms` (1024 atoms)
+//! - `timing_buckets`: project key + job name + bucket -> `StoredTimings` (see storage.proto)
 //! - `meta`: counters (`next_build_id`)
 //!
 //! sled is synchronous: small point reads/writes are called directly (microseconds, page cache),
@@ -15,7 +16,7 @@
 use crate::error::{MasterError, Result};
 use ish_core::proto;
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Handle to the database. Cheap to clone.
@@ -24,11 +25,15 @@ pub struct Store {
     db: sled::Db,
     builds: sled::Tree,
     atoms: sled::Tree,
+    groupings: sled::Tree,
     attempts: sled::Tree,
     overrides: sled::Tree,
     timings: sled::Tree,
     meta: sled::Tree,
 }
+
+/// Buckets of a job's timing history (fixed: it is part of the on-disk format).
+const TIMING_BUCKETS: usize = 256;
 
 /// sled's in-memory page cache.
 const DB_CACHE_BYTES: u64 = 16 << 20;
@@ -67,15 +72,47 @@ impl Store {
     }
 
     fn from_db(db: sled::Db) -> Result<Self> {
-        Ok(Self {
+        Self {
             builds: db.open_tree("builds")?,
             atoms: db.open_tree("atoms")?,
+            groupings: db.open_tree("groupings")?,
             attempts: db.open_tree("attempts")?,
             overrides: db.open_tree("overrides")?,
-            timings: db.open_tree("timings")?,
+            timings: db.open_tree("timing_buckets")?,
             meta: db.open_tree("meta")?,
             db,
-        })
+        }
+        .migrated()
+    }
+
+    /// Databases written before the bucketed timing history kept a job's whole history in one
+    /// JSON map (tree `timings`): its entries move into the buckets.
+    fn migrated(self) -> Result<Self> {
+        if !self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == b"timings")
+        {
+            return Ok(self);
+        }
+        let old = self.db.open_tree("timings")?;
+        for entry in old.iter() {
+            let (key, value) = entry?;
+            let mut parts = key.splitn(2, |b| *b == 0);
+            let (Some(project), Some(job)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let times: HashMap<String, f64> =
+                serde_json::from_slice(&value).map_err(|e| MasterError::Corrupt(e.to_string()))?;
+            self.merge_timings(
+                &String::from_utf8_lossy(project),
+                &String::from_utf8_lossy(job),
+                times.iter().map(|(k, v)| (k.as_str(), *v)),
+            )?;
+        }
+        self.db.drop_tree("timings")?;
+        Ok(self)
     }
 
     /// Reserves the next build id (ids start at 1 and never repeat for this database).
@@ -139,26 +176,32 @@ impl Store {
         Ok(())
     }
 
-    /// Writes many atoms (a prepared build's atoms), in batches of `ATOM_BATCH`: one sled batch
-    /// pins every page it touches until it is applied, so a 200,000-atom batch took 700 MB.
-    /// Not atomic as a whole; callers make the atoms count only once the build record says so
-    /// (a build recovered before that is prepared again, and its partial atoms cleared).
+    /// Writes a prepared build's grouping (its atoms, in (subjob, atom) order: lookups find an
+    /// atom's record by its position) as records of
+    /// `ATOM_BATCH` atoms (see `StoredAtoms`). Not atomic as a whole; callers make the atoms
+    /// count only once the build record says so (a build recovered before that is prepared
+    /// again, and its partial grouping cleared).
     pub fn put_atoms<'a>(
         &self,
         build: u64,
         atoms: impl IntoIterator<Item = &'a proto::Atom>,
     ) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
+        let mut chunk = proto::StoredAtoms::default();
+        let write = |chunk: &mut proto::StoredAtoms| -> Result<()> {
+            if let Some(first) = chunk.atoms.first() {
+                let key = atom_key(build, first.subjob_id, first.id);
+                self.groupings.insert(key, chunk.encode_to_vec())?;
+                chunk.atoms.clear();
+            }
+            Ok(())
+        };
         for a in atoms {
-            batch.insert(&atom_key(build, a.subjob_id, a.id)[..], a.encode_to_vec());
-            n += 1;
-            if n % ATOM_BATCH == 0 {
-                self.atoms.apply_batch(std::mem::take(&mut batch))?;
+            chunk.atoms.push(a.clone());
+            if chunk.atoms.len() == ATOM_BATCH {
+                write(&mut chunk)?;
             }
         }
-        self.atoms.apply_batch(batch)?;
-        Ok(())
+        write(&mut chunk)
     }
 
     /// A build's atoms, ordered by (subjob, atom).
@@ -166,29 +209,59 @@ impl Store {
         self.load_atoms_range(build, 0..u32::MAX)
     }
 
-    /// The atoms of subjobs `subjobs` of a build, ordered by (subjob, atom).
+    /// The atoms of subjobs `subjobs` of a build, ordered by (subjob, atom): the grouping's
+    /// copies, each replaced by its own record once it has one.
     pub fn load_atoms_range(
         &self,
         build: u64,
         subjobs: std::ops::Range<u32>,
     ) -> Result<Vec<proto::Atom>> {
-        self.atoms
-            .range(atom_key(build, subjobs.start, 0)..atom_key(build, subjobs.end, 0))
-            .map(|kv| {
-                let (_, v) = kv?;
-                proto::Atom::decode(v.as_ref()).map_err(|e| MasterError::Corrupt(e.to_string()))
-            })
-            .collect()
+        let (lo, hi) = (
+            atom_key(build, subjobs.start, 0),
+            atom_key(build, subjobs.end, 0),
+        );
+        let mut atoms = BTreeMap::new();
+        // The chunk holding the range's first atom may start before the range.
+        let before = self.groupings.range(..lo).next_back().transpose()?;
+        let chunks = before
+            .filter(|(k, _)| k.starts_with(&build.to_be_bytes()))
+            .into_iter()
+            .map(Ok)
+            .chain(self.groupings.range(lo..hi));
+        for kv in chunks {
+            let (_, v) = kv?;
+            let chunk = proto::StoredAtoms::decode(v.as_ref()).map_err(corrupt)?;
+            for a in chunk.atoms {
+                if subjobs.contains(&a.subjob_id) {
+                    atoms.insert((a.subjob_id, a.id), a);
+                }
+            }
+        }
+        for kv in self.atoms.range(lo..hi) {
+            let (_, v) = kv?;
+            let a = proto::Atom::decode(v.as_ref()).map_err(corrupt)?;
+            atoms.insert((a.subjob_id, a.id), a);
+        }
+        Ok(atoms.into_values().collect())
     }
 
     /// One atom of a build.
     pub fn get_atom(&self, build: u64, subjob: u32, atom: u32) -> Result<Option<proto::Atom>> {
-        self.atoms
-            .get(atom_key(build, subjob, atom))?
-            .map(|v| {
-                proto::Atom::decode(v.as_ref()).map_err(|e| MasterError::Corrupt(e.to_string()))
-            })
-            .transpose()
+        let key = atom_key(build, subjob, atom);
+        if let Some(v) = self.atoms.get(key)? {
+            return Ok(Some(proto::Atom::decode(v.as_ref()).map_err(corrupt)?));
+        }
+        let Some((k, v)) = self.groupings.range(..=key).next_back().transpose()? else {
+            return Ok(None);
+        };
+        if !k.starts_with(&build.to_be_bytes()) {
+            return Ok(None);
+        }
+        let chunk = proto::StoredAtoms::decode(v.as_ref()).map_err(corrupt)?;
+        Ok(chunk
+            .atoms
+            .into_iter()
+            .find(|a| a.subjob_id == subjob && a.id == atom))
     }
 
     /// Dispatch counts of subjobs `subjobs` of a build: (subjob id, count).
@@ -217,7 +290,7 @@ impl Store {
 
     /// Deletes a build's atoms and dispatch counts (before a new grouping is stored).
     pub fn clear_build_details(&self, build: u64) -> Result<()> {
-        for tree in [&self.atoms, &self.attempts] {
+        for tree in [&self.atoms, &self.groupings, &self.attempts] {
             let mut batch = sled::Batch::default();
             for kv in tree.scan_prefix(build.to_be_bytes()) {
                 batch.remove(kv?.0);
@@ -260,28 +333,53 @@ impl Store {
         self.load_attempts_range(build, 0..u32::MAX)
     }
 
-    /// Recorded atom times of a job: atom command string -> seconds.
-    pub fn timings(&self, project_key: &str, job: &str) -> Result<HashMap<String, f64>> {
-        match self.timings.get(timing_key(project_key, job))? {
-            None => Ok(HashMap::new()),
-            Some(v) => serde_json::from_slice(&v).map_err(|e| MasterError::Corrupt(e.to_string())),
-        }
-    }
-
-    /// Merges new atom times into a job's timing history (new values replace old ones).
-    pub fn merge_timings(
+    /// Recorded times of the given atoms of a job: atom command string -> seconds (atoms
+    /// without a record are left out). Reads only the buckets those atoms fall in.
+    pub fn timings<'a>(
         &self,
         project_key: &str,
         job: &str,
-        new: &HashMap<String, f64>,
-    ) -> Result<()> {
-        if new.is_empty() {
-            return Ok(());
+        atoms: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashMap<String, f64>> {
+        let mut times = HashMap::new();
+        for (bucket, wanted) in by_bucket(atoms.into_iter().map(|a| (a, ()))) {
+            let Some(v) = self.timings.get(timing_key(project_key, job, bucket))? else {
+                continue;
+            };
+            let stored = proto::StoredTimings::decode(v.as_ref()).map_err(corrupt)?;
+            for (atom, ()) in wanted {
+                if let Some(s) = stored.seconds.get(atom) {
+                    times.insert(atom.to_string(), *s);
+                }
+            }
         }
-        let mut all = self.timings(project_key, job)?;
-        all.extend(new.iter().map(|(k, v)| (k.clone(), *v)));
-        let bytes = serde_json::to_vec(&all).map_err(|e| MasterError::Corrupt(e.to_string()))?;
-        self.timings.insert(timing_key(project_key, job), bytes)?;
+        Ok(times)
+    }
+
+    /// Merges new atom times into a job's timing history (new values replace old ones),
+    /// rewriting one bucket at a time.
+    pub fn merge_timings<'a>(
+        &self,
+        project_key: &str,
+        job: &str,
+        new: impl IntoIterator<Item = (&'a str, f64)>,
+    ) -> Result<()> {
+        for (bucket, entries) in by_bucket(new) {
+            let key = timing_key(project_key, job, bucket);
+            let mut stored = match self.timings.get(&key)? {
+                Some(v) => proto::StoredTimings::decode(v.as_ref()).map_err(corrupt)?,
+                None => proto::StoredTimings::default(),
+            };
+            for (atom, seconds) in entries {
+                match stored.seconds.get_mut(atom) {
+                    Some(s) => *s = seconds,
+                    None => {
+                        stored.seconds.insert(atom.to_string(), seconds);
+                    }
+                }
+            }
+            self.timings.insert(key, stored.encode_to_vec())?;
+        }
         Ok(())
     }
 
@@ -292,11 +390,43 @@ impl Store {
     }
 }
 
-fn timing_key(project_key: &str, job: &str) -> Vec<u8> {
-    let mut k = project_key.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(job.as_bytes());
+fn corrupt(e: prost::DecodeError) -> MasterError {
+    MasterError::Corrupt(e.to_string())
+}
+
+/// Length-prefixed parts, so no project key or job name runs into another's.
+fn timing_key(project_key: &str, job: &str, bucket: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + project_key.len() + job.len());
+    for part in [project_key, job] {
+        k.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        k.extend_from_slice(part.as_bytes());
+    }
+    k.extend_from_slice(&bucket.to_be_bytes());
     k
+}
+
+/// An atom's timing bucket: FNV-1a of its command string, stable across versions and
+/// platforms (std's hasher is not), since it decides where history is stored.
+fn timing_bucket(atom: &str) -> u16 {
+    let hash = atom.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash % TIMING_BUCKETS as u64) as u16
+}
+
+/// Entries grouped by their atom's timing bucket (non-empty buckets only).
+fn by_bucket<'a, T>(
+    entries: impl IntoIterator<Item = (&'a str, T)>,
+) -> impl Iterator<Item = (u16, Vec<(&'a str, T)>)> {
+    let mut buckets: Vec<Vec<(&str, T)>> = (0..TIMING_BUCKETS).map(|_| Vec::new()).collect();
+    for (atom, value) in entries {
+        buckets[usize::from(timing_bucket(atom))].push((atom, value));
+    }
+    buckets
+        .into_iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(i, v)| (i as u16, v))
 }
 
 #[cfg(test)]
@@ -339,7 +469,7 @@ mod tests {
             command_string: format!("{sj}.{id}"),
             ..Default::default()
         };
-        s.put_atoms(7, &[mk(1, 0), mk(0, 1), mk(0, 0), mk(10, 0)])
+        s.put_atoms(7, &[mk(0, 0), mk(0, 1), mk(1, 0), mk(10, 0)])
             .unwrap();
         s.put_atom(8, &mk(0, 0)).unwrap();
         let got: Vec<_> = s
@@ -351,19 +481,111 @@ mod tests {
         assert_eq!(got, ["0.0", "0.1", "1.0", "10.0"]);
     }
 
+    /// Range reads and single reads over a grouping spread across many chunk records, with some
+    /// atoms superseded by their result records, neighbouring builds left untouched.
+    #[test]
+    fn chunked_groupings_read_like_one_record_per_atom() {
+        let s = Store::temporary().unwrap();
+        // Subjob i has i % 7 + 1 atoms: chunk boundaries fall inside subjobs.
+        let grouping: Vec<proto::Atom> = (0..700u32)
+            .flat_map(|sj| {
+                (0..sj % 7 + 1).map(move |id| proto::Atom {
+                    id,
+                    subjob_id: sj,
+                    command_string: format!("{sj}.{id}"),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        assert!(grouping.len() > 2 * ATOM_BATCH);
+        for build in [6, 7, 8] {
+            s.put_atoms(build, &grouping).unwrap();
+        }
+        let mut expected = grouping.clone();
+        for a in expected
+            .iter_mut()
+            .filter(|a| (a.subjob_id + a.id) % 3 == 0)
+        {
+            a.exit_code = Some(a.subjob_id as i32);
+            s.put_atom(7, a).unwrap();
+        }
+        assert_eq!(s.load_atoms(7).unwrap(), expected);
+        assert_eq!(s.load_atoms(6).unwrap(), grouping);
+        for (start, end) in [
+            (0, 1),
+            (145, 146),
+            (146, 300),
+            (299, 700),
+            (650, 900),
+            (700, 701),
+        ] {
+            let want: Vec<_> = expected
+                .iter()
+                .filter(|a| (start..end).contains(&a.subjob_id))
+                .cloned()
+                .collect();
+            assert_eq!(
+                s.load_atoms_range(7, start..end).unwrap(),
+                want,
+                "{start}..{end}"
+            );
+        }
+        for a in &expected {
+            assert_eq!(s.get_atom(7, a.subjob_id, a.id).unwrap().as_ref(), Some(a));
+        }
+        assert_eq!(s.get_atom(7, 1, 5).unwrap(), None);
+        assert_eq!(s.get_atom(7, 700, 0).unwrap(), None);
+        assert_eq!(s.get_atom(9, 0, 0).unwrap(), None);
+        s.clear_build_details(7).unwrap();
+        assert!(s.load_atoms(7).unwrap().is_empty());
+        assert_eq!(s.get_atom(7, 0, 0).unwrap(), None);
+        assert_eq!(s.load_atoms(8).unwrap(), grouping);
+    }
+
     #[test]
     fn timings_merge() {
         let s = Store::temporary().unwrap();
-        s.merge_timings(
-            "p",
-            "job",
-            &HashMap::from([("a".into(), 1.0), ("b".into(), 2.0)]),
-        )
-        .unwrap();
-        s.merge_timings("p", "job", &HashMap::from([("b".into(), 3.0)]))
+        s.merge_timings("p", "job", [("a", 1.0), ("b", 2.0)])
             .unwrap();
-        let t = s.timings("p", "job").unwrap();
+        s.merge_timings("p", "job", [("b", 3.0)]).unwrap();
+        let t = s.timings("p", "job", ["a", "b", "c"]).unwrap();
         assert_eq!(t, HashMap::from([("a".into(), 1.0), ("b".into(), 3.0)]));
-        assert!(s.timings("p", "other").unwrap().is_empty());
+        assert!(s.timings("p", "other", ["a"]).unwrap().is_empty());
+        // Many atoms spread over every bucket, merged in two overlapping builds.
+        let names: Vec<String> = (0..5000).map(|i| format!("export N=\"{i}\";")).collect();
+        s.merge_timings("p", "big", names[..3000].iter().map(|n| (n.as_str(), 1.0)))
+            .unwrap();
+        s.merge_timings("p", "big", names[2000..].iter().map(|n| (n.as_str(), 2.0)))
+            .unwrap();
+        let t = s
+            .timings("p", "big", names.iter().map(String::as_str))
+            .unwrap();
+        assert_eq!(t.len(), 5000);
+        assert!(names[..2000].iter().all(|n| t[n] == 1.0));
+        assert!(names[2000..].iter().all(|n| t[n] == 2.0));
+    }
+
+    /// The bucket of an atom is part of the on-disk format: it must never change.
+    #[test]
+    fn timing_buckets_are_stable() {
+        assert_eq!(timing_bucket(""), (0xcbf2_9ce4_8422_2325u64 % 256) as u16);
+        assert_eq!(timing_bucket("a"), (0xaf63_dc4c_8601_ec8cu64 % 256) as u16);
+    }
+
+    #[test]
+    fn a_whole_history_map_is_migrated_into_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let old = db.open_tree("timings").unwrap();
+            let map = HashMap::from([("a".to_string(), 1.5), ("b".to_string(), 2.5)]);
+            old.insert(b"p\0job", serde_json::to_vec(&map).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let t = s.timings("p", "job", ["a", "b"]).unwrap();
+        assert_eq!(t, HashMap::from([("a".into(), 1.5), ("b".into(), 2.5)]));
+        assert!(!s.db.tree_names().iter().any(|n| n.as_ref() == b"timings"));
     }
 }

@@ -463,11 +463,11 @@ async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
         .merge_timings(
             "dir:/tmp/p//",
             "Job",
-            &HashMap::from([
-                ("export TOKEN=\"0\";".to_string(), 1.0),
-                ("export TOKEN=\"1\";".to_string(), 1.0),
-                ("export TOKEN=\"2\";".to_string(), 1.0),
-            ]),
+            [
+                ("export TOKEN=\"0\";", 1.0),
+                ("export TOKEN=\"1\";", 1.0),
+                ("export TOKEN=\"2\";", 1.0),
+            ],
         )
         .unwrap();
     let mut a = h.slave("a", 1);
