@@ -15,7 +15,9 @@
 //! one attempt.
 use crate::error::{MasterError, Result};
 use crate::metrics::{self, Metrics};
-use crate::results::{ArchiveKind, ArchivedAtom, CONSOLE_FILE, ResultsJob, ResultsLayout};
+use crate::results::{
+    ArchiveKind, ArchivedAtom, CONSOLE_FILE, ResultsJob, ResultsLayout, TimingHistory,
+};
 use crate::store::Store;
 use ish_core::proto::{self, master_message::Msg as Down, slave_message::Msg as Up};
 use ish_core::state::{BuildEvent, BuildState};
@@ -2254,6 +2256,11 @@ impl Core {
                 .as_ref()
                 .map(|j| j.commands.clone())
                 .unwrap_or_default(),
+            history: TimingHistory {
+                store: self.store.clone(),
+                project_key: b.project_key.clone(),
+                job: b.job_name(),
+            },
             atoms,
             failures,
             done: tx,
@@ -2289,19 +2296,6 @@ impl Core {
         } else {
             proto::BuildResult::Failure
         };
-        // Times of passing atoms are good history even when other atoms failed.
-        let times = b
-            .subjobs
-            .iter()
-            .flat_map(|s| &s.atoms)
-            .filter(|a| a.exit_code == Some(0))
-            .filter_map(|a| Some((a.command_string.as_str(), a.actual_time?)));
-        if let Err(e) = self
-            .store
-            .merge_timings(&b.project_key, &b.job_name(), times)
-        {
-            tracing::warn!(build = id, error = %e, "could not update timing history");
-        }
         self.end_build(id, BuildEvent::Finish, String::new());
     }
 

@@ -240,12 +240,14 @@ impl Harness {
         while let Ok(job) = self.results.try_recv() {
             if let ResultsJob::Archive {
                 build,
+                history,
                 atoms,
                 failures,
                 done,
                 ..
             } = job
             {
+                history.record(&atoms).unwrap();
                 let names = atoms
                     .iter()
                     .map(|a| crate::archive::artifact_dir_name(a.subjob, a.atom))
