@@ -2256,11 +2256,11 @@ impl Core {
                 .as_ref()
                 .map(|j| j.commands.clone())
                 .unwrap_or_default(),
-            history: TimingHistory {
+            history: Box::new(TimingHistory {
                 store: self.store.clone(),
                 project_key: b.project_key.clone(),
                 job: b.job_name(),
-            },
+            }),
             atoms,
             failures,
             done: tx,

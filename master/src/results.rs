@@ -147,7 +147,7 @@ pub enum ResultsJob {
         /// The job's commands (the bookkeeping `clusterrunner_command` is atom + commands).
         commands: String,
         /// Where the passing atoms' times go (before `done`: the next build sees them).
-        history: TimingHistory,
+        history: Box<TimingHistory>,
         /// Every atom, in (subjob, atom) order: compact, its files are generated as written.
         atoms: Vec<ArchivedAtom>,
         /// Names of the failed atoms' directories, same order.

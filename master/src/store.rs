@@ -59,10 +59,19 @@ impl Store {
             .map_err(|e| MasterError::io(format!("creating {}", dir.display()), e))?;
         // sled's page cache defaults to 1 GiB and fills with every atom of a large build; the
         // hot data (recent builds) is far smaller, and the OS page cache backs the rest.
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(DB_CACHE_BYTES)
-            .open()?;
+        let config = sled::Config::new().path(dir).cache_capacity(DB_CACHE_BYTES);
+        // A database closed a moment ago in this process (a restart, a test) may still be held
+        // by sled's flusher thread for a few milliseconds: its file lock is retried briefly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e)) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "database busy; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         Self::from_db(db)
     }
 
