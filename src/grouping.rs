@@ -181,11 +181,31 @@ fn bucket(
     groups
 }
 
-/// Queue dispatch: one atom per group, longest expected time first. Atoms with a recorded time
-/// expect it; atoms without one expect the longest recorded time (pessimistic: an unknown atom
-/// started late could end the build late). Without any recorded time the atomizer order is
-/// kept and no time is expected. The sort is stable: equal times keep atomizer order.
-pub fn queue_order(atoms: &[String], timings: &HashMap<String, f64>) -> Vec<Vec<GroupedAtom>> {
+/// Queue dispatch's batches of short atoms aim at this run time: a dispatch costs about a
+/// millisecond (a round trip to the slave and the bookkeeping of one subjob), so a 50 ms batch
+/// keeps that cost near 2% while the imbalance it can add at the end of a build stays tiny.
+pub const QUEUE_BATCH_TARGET_S: f64 = 0.05;
+
+/// Guided self-scheduling factor: a batch never holds more than remaining ÷ (executors × this),
+/// so batches shrink to single atoms as the queue empties and the last executors to finish do
+/// so together.
+const QUEUE_GUIDE_FACTOR: usize = 4;
+
+/// Queue dispatch: the atoms longest expected time first, in small batches that executors take
+/// from the queue as they free. Atoms with a recorded time expect it; atoms without one expect
+/// the longest recorded time (pessimistic: an unknown atom started late could end the build
+/// late). Without any recorded time the atomizer order is kept, no time is expected and every
+/// atom is its own subjob.
+///
+/// Batches (consecutive atoms in that order) are sized for the per-dispatch cost: atoms are
+/// added while the batch's expected time stays within `QUEUE_BATCH_TARGET_S` and its size within
+/// remaining ÷ (`executors` × 4). An atom expected to take longer than the target (and every
+/// atom without history) goes alone. The sort is stable: equal times keep atomizer order.
+pub fn queue_order(
+    atoms: &[String],
+    timings: &HashMap<String, f64>,
+    executors: usize,
+) -> Vec<Vec<GroupedAtom>> {
     let known: Vec<Option<f64>> = atoms.iter().map(|a| timings.get(a).copied()).collect();
     let max_t = known
         .iter()
@@ -200,14 +220,35 @@ pub fn queue_order(atoms: &[String], timings: &HashMap<String, f64>) -> Vec<Vec<
             expected_time: max_t.map(|m| t.unwrap_or(m)),
         })
         .collect();
-    if max_t.is_some() {
-        order.sort_by(|a, b| {
-            b.expected_time
-                .unwrap_or_default()
-                .total_cmp(&a.expected_time.unwrap_or_default())
-        });
+    if max_t.is_none() {
+        return order.into_iter().map(|g| vec![g]).collect();
     }
-    order.into_iter().map(|g| vec![g]).collect()
+    order.sort_by(|a, b| {
+        b.expected_time
+            .unwrap_or_default()
+            .total_cmp(&a.expected_time.unwrap_or_default())
+    });
+    let per_round = executors.max(1) * QUEUE_GUIDE_FACTOR;
+    let mut groups = Vec::new();
+    let mut rest = order.into_iter().peekable();
+    let mut remaining = atoms.len();
+    while let Some(first) = rest.next() {
+        let guided = remaining.div_ceil(per_round);
+        let mut time = first.expected_time.unwrap_or_default();
+        let mut batch = vec![first];
+        while batch.len() < guided {
+            let Some(next) = rest.peek() else { break };
+            let t = next.expected_time.unwrap_or_default();
+            if time + t > QUEUE_BATCH_TARGET_S {
+                break;
+            }
+            time += t;
+            batch.extend(rest.next());
+        }
+        remaining -= batch.len();
+        groups.push(batch);
+    }
+    groups
 }
 
 #[cfg(test)]
@@ -220,7 +261,7 @@ mod queue_tests {
 
     #[test]
     fn without_history_atomizer_order_is_kept() {
-        let g = queue_order(&names(3), &HashMap::new());
+        let g = queue_order(&names(3), &HashMap::new(), 1);
         assert_eq!(g.iter().map(|g| g[0].index).collect::<Vec<_>>(), [0, 1, 2]);
         assert!(g.iter().all(|g| g[0].expected_time.is_none()));
     }
@@ -232,7 +273,7 @@ mod queue_tests {
             ("a1".to_string(), 5.0),
             ("a3".to_string(), 2.0),
         ]);
-        let g = queue_order(&names(4), &t);
+        let g = queue_order(&names(4), &t, 1);
         let order: Vec<(usize, f64)> = g
             .iter()
             .map(|g| (g[0].index, g[0].expected_time.unwrap()))
@@ -240,6 +281,60 @@ mod queue_tests {
         // a2 has no record: it expects the longest recorded time (5.0) and keeps its place
         // after a1 among equals.
         assert_eq!(order, [(1, 5.0), (2, 5.0), (3, 2.0), (0, 1.0)]);
+    }
+
+    /// Every atom once, in longest-first order, whatever the batching.
+    fn flat(g: &[Vec<GroupedAtom>]) -> Vec<usize> {
+        g.iter().flatten().map(|a| a.index).collect()
+    }
+
+    #[test]
+    fn short_atoms_are_batched_and_batches_shrink_to_single_atoms() {
+        // 2,000 atoms of ~2 ms on 8 executors.
+        let t: HashMap<String, f64> = names(2000)
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (n, 0.002 + (i % 3) as f64 * 1e-4))
+            .collect();
+        let g = queue_order(&names(2000), &t, 8);
+        let mut all = flat(&g);
+        all.sort_unstable();
+        assert_eq!(all, (0..2000).collect::<Vec<_>>());
+        let sizes: Vec<usize> = g.iter().map(Vec::len).collect();
+        // Early batches are as long as the target allows (50 ms of ~2 ms atoms)...
+        assert!(sizes[0] >= 20 && sizes[0] <= 25, "{sizes:?}");
+        for b in &g {
+            let time: f64 = b.iter().map(|a| a.expected_time.unwrap()).sum();
+            assert!(time <= QUEUE_BATCH_TARGET_S + 1e-9 || b.len() == 1);
+        }
+        // ...never more than remaining ÷ (executors × 4), so the last ones are single atoms.
+        let mut remaining = 2000usize;
+        for &n in &sizes {
+            assert!(n <= remaining.div_ceil(32), "{sizes:?}");
+            remaining -= n;
+        }
+        assert!(sizes.ends_with(&[1; 30]), "{sizes:?}");
+        assert!(g.len() < 400, "{} batches", g.len());
+    }
+
+    #[test]
+    fn long_and_unknown_atoms_go_alone() {
+        let mut t: HashMap<String, f64> = names(100).into_iter().map(|n| (n, 0.001)).collect();
+        t.insert("a5".into(), 0.5);
+        t.remove("a7");
+        let g = queue_order(&names(100), &t, 2);
+        // a5 (0.5 s) and a7 (no history: expects the longest, 0.5 s) come first, alone.
+        assert_eq!(g[0].iter().map(|a| a.index).collect::<Vec<_>>(), [5]);
+        assert_eq!(g[1].iter().map(|a| a.index).collect::<Vec<_>>(), [7]);
+        assert!(g[2].len() > 1);
+        assert_eq!(flat(&g).len(), 100);
+    }
+
+    #[test]
+    fn few_atoms_are_not_batched() {
+        let t: HashMap<String, f64> = names(8).into_iter().map(|n| (n, 0.001)).collect();
+        let g = queue_order(&names(8), &t, 2);
+        assert!(g.iter().all(|b| b.len() == 1));
     }
 }
 

@@ -1344,6 +1344,8 @@ async fn the_benchmark_suite_runs_in_its_quick_form() {
         "| B1 100 atoms of `true`",
         "| B1 xargs -P 8 floor",
         "| B1 ratio to the floor",
+        "| B1 again with timing history",
+        "| B1 ratio to the floor, with timing history",
         "| B2 40 skewed atoms, 8 executors, queue dispatch",
         "| B2 40 skewed atoms, 8 executors, ClusterRunner grouping",
         "| B3 20 simulated slaves × 4, 2000 zero-work atoms: dispatches/s",

@@ -1962,7 +1962,22 @@ impl Core {
             proto::DispatchMode::Clusterrunner => {
                 grouping::group_atoms(&r.atoms, &timings, max_exec)
             }
-            proto::DispatchMode::Queue => grouping::queue_order(&r.atoms, &timings),
+            proto::DispatchMode::Queue => {
+                // Batches are sized for the executors the build can use now (more may join
+                // later; batches then only get relatively smaller, never unfair).
+                let per_slave = |n: u32| match job.max_executors_per_slave {
+                    0 => n,
+                    cap => n.min(cap),
+                };
+                let fleet: u64 = self
+                    .slaves
+                    .values()
+                    .filter(|s| !s.draining)
+                    .map(|s| u64::from(per_slave(s.executors)))
+                    .sum();
+                let executors = max_exec.map_or(fleet, |m| fleet.min(m));
+                grouping::queue_order(&r.atoms, &timings, executors as usize)
+            }
         };
         b.subjobs = groups
             .into_iter()

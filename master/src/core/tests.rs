@@ -1302,3 +1302,79 @@ async fn a_final_build_is_evicted_and_still_answers_from_the_store() {
     assert_eq!(after.4, before.4);
     assert_eq!(after.3, h.core.layout.atom_dir(id, 2, 0).join(CONSOLE_FILE));
 }
+
+/// Queue dispatch batches short atoms (by their recorded times); a slave lost mid-batch hands
+/// back only the atoms it had not reported, and every atom is counted exactly once.
+#[tokio::test]
+async fn queue_batches_of_short_atoms_survive_a_slave_lost_mid_batch() {
+    let mut h = Harness::new();
+    let names = atoms(40);
+    h.core
+        .store
+        .merge_timings(
+            "dir:/tmp/p//",
+            "Job",
+            names.iter().map(|n| (n.as_str(), 0.001)),
+        )
+        .unwrap();
+    let mut a = h.slave("a", 1);
+    let id = h.submit(dir_request(CONFIG)).await;
+    assert!(matches!(a.next(), Some(D::Prepare(_))));
+    h.prepared(&a, id, job(0, 0), names.clone()).await;
+    let subjobs = h.build(id).num_subjobs;
+    assert!(
+        (2..40).contains(&subjobs),
+        "{subjobs} subjobs for 40 short atoms"
+    );
+    assert!(matches!(a.next(), Some(D::Setup(_))));
+    h.setup_ok(&a, id);
+    let r = run_subjobs(&a.all()).pop().unwrap();
+    assert!(r.atoms.len() > 1, "a batch, not one atom");
+    for w in &r.atoms[..2] {
+        h.from(
+            &a,
+            Up::AtomResult(proto::AtomResult {
+                build_id: id,
+                subjob_id: r.subjob_id,
+                atom_id: w.atom_id,
+                attempt: r.attempt,
+                exit_code: 0,
+                seconds: 0.001,
+                ..Default::default()
+            }),
+        );
+    }
+    let mut b = h.slave("b", 1);
+    h.core.handle(Command::SlaveDisconnected(a.id));
+    assert!(matches!(b.next(), Some(D::Setup(_))));
+    h.setup_ok(&b, id);
+    let mut first = true;
+    loop {
+        let runs = run_subjobs(&b.all());
+        if runs.is_empty() {
+            break;
+        }
+        for rb in runs {
+            if first {
+                assert_eq!(
+                    rb.subjob_id, r.subjob_id,
+                    "the interrupted batch goes first"
+                );
+                let rest: Vec<u32> = r.atoms[2..].iter().map(|w| w.atom_id).collect();
+                let resent: Vec<u32> = rb.atoms.iter().map(|w| w.atom_id).collect();
+                assert_eq!(resent, rest);
+                first = false;
+            }
+            h.complete(&b, &rb, 0, 0.001);
+        }
+    }
+    let archives = h.run_results().await;
+    let bld = h.build(id);
+    assert_eq!(state(&bld), proto::BuildState::Finished);
+    assert_eq!(bld.completed_atoms, 40);
+    let (_, mut dirs, failures) = archives.into_iter().next().unwrap();
+    assert!(failures.is_empty());
+    dirs.sort();
+    dirs.dedup();
+    assert_eq!(dirs.len(), 40, "every atom archived once");
+}
