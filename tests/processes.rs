@@ -1316,6 +1316,51 @@ async fn setup_exclusion_timeouts_and_flaky_atoms_with_real_binaries() {
     c.stop();
 }
 
+/// Queue dispatch with timing history sends short atoms in batches; a slave killed while it runs
+/// batches loses nothing: each atom's console and artifact exactly once, in its own directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_slave_mid_batch_loses_nothing() {
+    let mut c = Cluster::start(2, 2).await;
+    let project = project_with(
+        "K:\n  commands: ['sleep 0.01', 'echo $T > $ARTIFACT_DIR/t', 'echo done $T']\n  atomizers: [{T: 'seq 1 400'}]\n",
+    );
+    let (mut b, _) = c.clients().await;
+    // The first build records the atoms' times.
+    let first = submit(&mut b, dir_request(project.path())).await;
+    let first = wait_final(&mut b, first).await;
+    assert_eq!(first.result, proto::BuildResult::NoFailures as i32);
+    assert_eq!(first.num_subjobs, 400, "no history: one atom per subjob");
+    let id = submit(&mut b, dir_request(project.path())).await;
+    wait_for(&mut b, id, Duration::from_secs(30), |b| {
+        b.completed_atoms >= 40
+    })
+    .await;
+    kill(c.slaves[1].pid(), Signal::SIGKILL).unwrap();
+    c.slaves[1].wait_exit(Duration::from_secs(5));
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    assert!(
+        build.num_subjobs < 400,
+        "{} subjobs: no batches",
+        build.num_subjobs
+    );
+    assert_eq!(build.completed_atoms, 400);
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("done {t}\n"),
+        exit_code: 0,
+        files: vec![("t".into(), format!("{t}\n").into_bytes())],
+    })
+    .await;
+    let sjs = subjobs(&mut b, id).await;
+    assert!(
+        sjs.iter().any(|s| s.attempts >= 2 && s.atoms.len() > 1),
+        "a batch the killed slave was running was dispatched again"
+    );
+    c.slaves.remove(1);
+    c.stop();
+}
+
 /// The benchmark suite in its small form, as CI's smoke test: every benchmark runs end to end
 /// with its correctness checks (each atom ran once, consoles arrive whole, builds finish); the
 /// figures are printed, never asserted (speed is measured by `ish bench suite` itself).
