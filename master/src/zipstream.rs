@@ -27,6 +27,10 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 /// files are tiny, and buffering lets their local header carry the real sizes, which streaming
 /// readers and repair tools prefer.
 const SMALL_MAX: u64 = 1 << 20;
+/// Entries up to this size are stored without trying deflate: it cannot shrink them (its block
+/// headers outweigh any saving), and each attempt resets the compressor's tables — the bulk of
+/// the cost of an archive of many small bookkeeping files.
+const STORE_MAX: usize = 64;
 
 /// Read and deflate chunk size for streamed entries.
 const CHUNK: usize = 64 << 10;
@@ -249,12 +253,19 @@ impl<W: Write> ZipStream<W> {
         }
         let mut crc = Crc::new();
         crc.update(&self.input);
-        let body: &[u8] = if self.input.is_empty() {
+        // Stored when deflate cannot help (as Info-ZIP does): tiny entries without trying,
+        // others when their deflated form is no smaller.
+        let body: &[u8] = if self.input.len() <= STORE_MAX {
             entry.method = METHOD_STORED;
-            &[]
+            &self.input
         } else {
             deflate_whole(&mut self.deflate, &self.input, &mut self.output)?;
-            &self.output
+            if self.output.len() < self.input.len() {
+                &self.output
+            } else {
+                entry.method = METHOD_STORED;
+                &self.input
+            }
         };
         entry.crc = crc.sum();
         entry.uncompressed = len;
@@ -593,7 +604,7 @@ fn put64(buf: &mut Vec<u8>, value: u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Cursor;
     use std::path::Path;
@@ -636,6 +647,7 @@ mod tests {
             ("dir/sub/deeper/big.bin", 0o640, large()),
             ("dir/sub/after_big", 0o644, b"x".to_vec()),
             ("uni/caf\u{e9}.txt", 0o644, b"utf8 name".to_vec()),
+            ("noise.bin", 0o644, noise(300, 7)),
         ]
     }
 
@@ -701,6 +713,39 @@ mod tests {
         u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
     }
 
+    /// Tiny entries are stored; larger ones deflated unless that would not make them smaller.
+    pub(crate) fn assert_stored_iff_deflate_cannot_help(
+        file: &zip::read::ZipFile<'_, impl Read>,
+        data: &[u8],
+        name: &str,
+    ) {
+        let len = data.len();
+        match file.compression() {
+            zip::CompressionMethod::Stored if len > STORE_MAX => {
+                let mut deflated = Vec::new();
+                deflate_whole(
+                    &mut Compress::new(Compression::default(), false),
+                    data,
+                    &mut deflated,
+                )
+                .unwrap();
+                assert!(
+                    deflated.len() >= len,
+                    "{name}: {len} bytes stored, deflate shrinks them"
+                );
+            }
+            zip::CompressionMethod::Stored => {}
+            zip::CompressionMethod::Deflated => {
+                assert!(len > STORE_MAX, "{name}: {len} bytes deflated");
+                assert!(
+                    file.compressed_size() < len as u64,
+                    "{name}: deflate grew it"
+                );
+            }
+            other => panic!("{name}: unexpected method {other:?}"),
+        }
+    }
+
     #[test]
     fn zipstream_round_trip_preserves_names_contents_modes() {
         let bytes = write_sample();
@@ -713,12 +758,7 @@ mod tests {
                 assert_eq!(file.name().expect("name"), *name, "entry order");
                 assert_eq!(file.unix_mode(), Some(S_IFREG | mode), "{name}");
                 assert_eq!(file.last_modified(), Some(zip::DateTime::DEFAULT), "{name}");
-                let method = if data.is_empty() {
-                    zip::CompressionMethod::Stored
-                } else {
-                    zip::CompressionMethod::Deflated
-                };
-                assert_eq!(file.compression(), method, "{name}");
+                assert_stored_iff_deflate_cannot_help(&file, data, name);
                 assert_eq!(file.size(), data.len() as u64, "{name}");
             }
             assert_eq!(&read_all(&mut archive, name), data, "{name}");
