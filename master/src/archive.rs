@@ -156,11 +156,7 @@ pub fn write_archives_from(
     // Unlinked at once: the zip's central directory until it is copied to the archive's end.
     let spill = TempFile::create(results_dir, "zip-directory")?.into_anonymous()?;
 
-    // GzBuilder's defaults (mtime 0, no file name) keep the gzip header reproducible.
-    let gz = flate2::GzBuilder::new().write(
-        BufWriter::new(tar_tmp.file.try_clone()?),
-        flate2::Compression::new(DEFLATE_LEVEL),
-    );
+    let gz = GzPipe::start(tar_tmp.file.try_clone()?)?;
     let mut out = Archives {
         tar: tar::Builder::new(gz),
         zip: ZipStream::new(
@@ -195,11 +191,7 @@ pub fn write_archives_from(
             &meta,
         ))?;
     }
-    out.tar
-        .into_inner()?
-        .finish()?
-        .into_inner()
-        .map_err(io::IntoInnerError::into_error)?;
+    out.tar.into_inner()?.finish()?;
     out.zip
         .finish()?
         .into_inner()
@@ -217,9 +209,104 @@ pub fn write_archives_from(
     zip_tmp.persist(ZIP_NAME)
 }
 
+/// The tar stream's way to its gzip file: compressed on a thread of its own, so gzip (the
+/// larger share of writing the archives) runs beside listing the files and writing the zip.
+/// Chunks go through a bounded channel: memory stays at a few chunks whatever the archive size.
+struct GzPipe {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+/// Bytes per chunk sent to the gzip thread.
+const GZ_CHUNK: usize = 256 * 1024;
+
+impl GzPipe {
+    fn start(file: File) -> io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let thread = std::thread::Builder::new()
+            .name("ish-gzip".into())
+            .spawn(move || {
+                // GzBuilder's defaults (mtime 0, no file name) keep the header reproducible.
+                let mut gz = flate2::GzBuilder::new().write(
+                    BufWriter::new(file),
+                    flate2::Compression::new(DEFLATE_LEVEL),
+                );
+                for chunk in rx {
+                    gz.write_all(&chunk)?;
+                }
+                gz.finish()?
+                    .into_inner()
+                    .map_err(io::IntoInnerError::into_error)?
+                    .flush()
+            })?;
+        Ok(Self {
+            buf: Vec::with_capacity(GZ_CHUNK),
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn send_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(GZ_CHUNK));
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
+        if sent {
+            return Ok(());
+        }
+        // The thread stopped on an error (disk full...): that error is the one to report.
+        self.tx = None;
+        Err(self
+            .join()
+            .err()
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "gzip writer stopped")))
+    }
+
+    /// Sends the rest, ends the stream and waits for the file to be written.
+    fn finish(mut self) -> io::Result<()> {
+        let sent = self.send_buf();
+        self.tx = None;
+        let written = self.join();
+        written.and(sent)
+    }
+
+    fn join(&mut self) -> io::Result<()> {
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(io::Error::other("gzip writer panicked")),
+        }
+    }
+}
+
+impl Write for GzPipe {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= GZ_CHUNK {
+            self.send_buf()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for GzPipe {
+    /// An archive abandoned midway (an error elsewhere) still stops its thread before the
+    /// temporary files are removed.
+    fn drop(&mut self) {
+        self.tx = None;
+        let _ = self.join();
+    }
+}
+
 /// The two archives being written, entry by entry.
 struct Archives {
-    tar: tar::Builder<flate2::write::GzEncoder<BufWriter<File>>>,
+    tar: tar::Builder<GzPipe>,
     zip: ZipStream<BufWriter<File>>,
 }
 
@@ -1018,5 +1105,20 @@ mod tests {
                 "zzz",
             ]
         );
+    }
+
+    /// The gzip thread's own error (here: a full disk) is what the writer reports.
+    #[test]
+    fn the_gzip_thread_reports_its_write_error() {
+        let full = File::options().write(true).open("/dev/full").unwrap();
+        let mut gz = GzPipe::start(full).unwrap();
+        let noise: Vec<u8> = (0..4u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let err = gz
+            .write_all(&noise)
+            .and_then(|()| gz.finish())
+            .expect_err("/dev/full takes nothing");
+        assert_eq!(err.raw_os_error(), Some(28), "{err}");
     }
 }
