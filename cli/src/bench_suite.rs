@@ -115,21 +115,32 @@ async fn cluster(data: &Path, slaves: u32, executors: u32) -> anyhow::Result<Loc
     opts.master.heartbeat_interval_ms = 1_000;
     let c = LocalCluster::start(opts).await?;
     let (_, mut cl) = c.clients().await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cl
-        .list_slaves(proto::ListSlavesRequest {})
-        .await?
-        .into_inner()
-        .slaves
-        .len()
-        < slaves as usize
-    {
-        if Instant::now() > deadline {
-            bail!("slaves did not register");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_slaves(&mut cl, slaves as usize, Duration::from_secs(20)).await?;
     Ok(c)
+}
+
+/// Waits until `n` slaves are registered with the master.
+async fn wait_for_slaves(
+    cl: &mut crate::local::ClusterClient,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let registered = cl
+            .list_slaves(proto::ListSlavesRequest {})
+            .await?
+            .into_inner()
+            .slaves
+            .len();
+        if registered >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{registered} of {n} slaves registered within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Submits and waits for the end; returns the build and the wall time.
@@ -850,20 +861,7 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
         }));
     }
     let (mut b, mut cl) = crate::local::connect(&url, &secret, Duration::from_secs(10)).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while cl
-        .list_slaves(proto::ListSlavesRequest {})
-        .await?
-        .into_inner()
-        .slaves
-        .len()
-        < slaves
-    {
-        if Instant::now() > deadline {
-            bail!("B3: the simulated slaves did not all register");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_slaves(&mut cl, slaves, Duration::from_secs(120)).await?;
     let project = tmp.0.join("project");
     std::fs::create_dir_all(&project)?;
     // Each phase has atoms of its own (`var`): no timing history, so one atom per dispatch,

@@ -724,7 +724,7 @@ impl Build {
             project_key: self.project_key.clone(),
             setup_failures: self.setup_failures,
             prepare_attempts: self.prepare_attempts,
-            serialized_seconds: self.summary.as_ref().map_or(0.0, |s| s.serialized_seconds),
+            serialized_seconds: self.summary.as_ref().map(|s| s.serialized_seconds),
         }
     }
 
@@ -823,11 +823,10 @@ impl Core {
             b.setup_failures = rec.setup_failures;
             b.prepare_attempts = rec.prepare_attempts;
             let n_subjobs = pb.num_subjobs as usize;
-            // A final build stored with its failed and flaky atoms needs none of its atoms in
-            // memory (older records lack them: those are read and summarised below).
+            // A final build stored with its summary needs none of its atoms in memory (older
+            // records lack it: those are read and summarised below).
             if b.state.is_final()
-                && pb.failed_atoms.len() == pb.failed_atom_count as usize
-                && pb.flaky_atoms.len() == pb.flaky_atom_count as usize
+                && let Some(serialized_seconds) = rec.serialized_seconds
             {
                 b.num_atoms = pb.num_atoms;
                 b.completed_atoms = pb.completed_atoms;
@@ -838,7 +837,7 @@ impl Core {
                     num_subjobs: pb.num_subjobs,
                     failed: pb.failed_atoms,
                     flaky: pb.flaky_atoms,
-                    serialized_seconds: rec.serialized_seconds,
+                    serialized_seconds,
                 });
                 self.builds.insert(b.id, b);
                 continue;

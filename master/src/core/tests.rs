@@ -207,6 +207,31 @@ impl Harness {
         );
     }
 
+    /// Reports one atom of `r`.
+    fn atom_done(
+        &mut self,
+        s: &FakeSlave,
+        r: &proto::RunSubjob,
+        atom_id: u32,
+        exit_code: i32,
+        tries: u32,
+        seconds: f64,
+    ) {
+        self.from(
+            s,
+            Up::AtomResult(proto::AtomResult {
+                build_id: r.build_id,
+                subjob_id: r.subjob_id,
+                atom_id,
+                attempt: r.attempt,
+                exit_code,
+                tries,
+                seconds,
+                ..Default::default()
+            }),
+        );
+    }
+
     /// Reports every atom of `r` with `exit_code`, then the subjob done.
     fn complete(&mut self, s: &FakeSlave, r: &proto::RunSubjob, exit_code: i32, seconds: f64) {
         for a in &r.atoms {
@@ -1196,20 +1221,7 @@ async fn a_final_build_is_evicted_and_still_answers_from_the_store() {
     assert_eq!(runs.len(), 3);
     // Subjob 0 fails, subjob 1 passes on its second try (flaky), subjob 2 passes.
     for (r, (exit_code, tries)) in runs.iter().zip([(3, 1), (0, 2), (0, 1)]) {
-        let a = &r.atoms[0];
-        h.from(
-            &s,
-            Up::AtomResult(proto::AtomResult {
-                build_id: id,
-                subjob_id: r.subjob_id,
-                atom_id: a.atom_id,
-                attempt: r.attempt,
-                exit_code,
-                tries,
-                seconds: 0.5,
-                ..Default::default()
-            }),
-        );
+        h.atom_done(&s, r, r.atoms[0].atom_id, exit_code, tries, 0.5);
         h.from(
             &s,
             Up::SubjobDone(proto::SubjobDone {
@@ -1331,18 +1343,7 @@ async fn queue_batches_of_short_atoms_survive_a_slave_lost_mid_batch() {
     let r = run_subjobs(&a.all()).pop().unwrap();
     assert!(r.atoms.len() > 1, "a batch, not one atom");
     for w in &r.atoms[..2] {
-        h.from(
-            &a,
-            Up::AtomResult(proto::AtomResult {
-                build_id: id,
-                subjob_id: r.subjob_id,
-                atom_id: w.atom_id,
-                attempt: r.attempt,
-                exit_code: 0,
-                seconds: 0.001,
-                ..Default::default()
-            }),
-        );
+        h.atom_done(&a, &r, w.atom_id, 0, 1, 0.001);
     }
     let mut b = h.slave("b", 1);
     h.core.handle(Command::SlaveDisconnected(a.id));
