@@ -403,6 +403,116 @@ async fn real_binaries_build_a_git_repo_with_the_ish_build_client() {
     c.stop();
 }
 
+/// The cluster secret and the slave's own `ISH_*` settings never reach a user command: setup,
+/// atomizer, atoms and teardown each dump their environment, and the secret is found in no
+/// console, no archive, no file a command wrote and no log of the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_command_of_a_job_sees_the_cluster_secret() {
+    let c = Cluster::start(1, 2).await;
+    let marker = tempfile::tempdir().unwrap();
+    let project = project_with(
+        r#"
+E:
+  setup_build:
+    - env > "$MARKER/setup.env"
+  commands:
+    - env
+    - env > "$ARTIFACT_DIR/env.txt"
+  atomizers:
+    - T: env > "$MARKER/atomizer.env"; seq 1 3
+  teardown_build:
+    - env > "$MARKER/teardown.env"
+"#,
+    );
+    let (mut b, _) = c.clients().await;
+    let mut req = dir_request(project.path());
+    req.env
+        .insert("MARKER".into(), marker.path().display().to_string());
+    let id = submit(&mut b, req).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    assert_eq!(build.num_atoms, 3);
+
+    // Every environment a command saw: the ISH_ variables in it are the documented ones, the
+    // allow-listed slave variables and the build's own env are there.
+    let check_env = |what: &str, dump: &str| {
+        assert!(!dump.contains(&c.secret), "{what} saw the secret:\n{dump}");
+        let names: Vec<&str> = dump
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        let ish: Vec<&&str> = names.iter().filter(|n| n.starts_with("ISH_")).collect();
+        assert_eq!(
+            ish,
+            [&"ISH_BUILD_ID", &"ISH_SLAVE_NAME"]
+                .into_iter()
+                .filter(|n| names.contains(n))
+                .collect::<Vec<_>>(),
+            "{what}: only the documented ISH_ variables:\n{dump}"
+        );
+        assert!(names.contains(&"PATH"), "{what} has PATH:\n{dump}");
+        assert!(
+            names.contains(&"MARKER"),
+            "{what} has the build's env:\n{dump}"
+        );
+    };
+    for name in ["setup.env", "atomizer.env", "teardown.env"] {
+        let dump = std::fs::read_to_string(marker.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_env(name, &dump);
+        assert!(dump.contains("ISH_BUILD_ID="), "{name}:\n{dump}");
+    }
+    for sj in subjobs(&mut b, id).await {
+        for a in &sj.atoms {
+            let page = b
+                .get_console(proto::GetConsoleRequest {
+                    build_id: id,
+                    subjob_id: sj.id,
+                    atom_id: a.id,
+                    max_lines: 10_000,
+                    offset_line: Some(0),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            check_env(
+                &format!("console of atom {}/{}", sj.id, a.id),
+                &page.content,
+            );
+            assert!(page.content.contains("ARTIFACT_DIR="), "{}", page.content);
+        }
+    }
+    let zip = zip_files(&download(&mut b, id, proto::ArchiveFormat::Zip).await);
+    let env_files: Vec<_> = zip.keys().filter(|k| k.ends_with("/env.txt")).collect();
+    assert_eq!(env_files.len(), 3, "{:?}", zip.keys());
+    for (name, data) in &zip {
+        let text = String::from_utf8_lossy(data);
+        assert!(
+            !text.contains(&c.secret),
+            "results.zip {name} holds the secret"
+        );
+        if name.ends_with("/env.txt") {
+            check_env(name, &text);
+        }
+    }
+    let (_, tar) = tar_entries(&download(&mut b, id, proto::ArchiveFormat::TarGz).await);
+    for (name, data) in &tar {
+        assert!(
+            !String::from_utf8_lossy(data).contains(&c.secret),
+            "results.tar.gz {name} holds the secret"
+        );
+    }
+    drop(b);
+    let logs = c.logs();
+    assert!(
+        !logs.contains(&c.secret),
+        "a log of the cluster holds the secret"
+    );
+    assert!(logs.contains("slave-0"), "the logs were read:\n{logs}");
+    c.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_slave_mid_build_loses_nothing() {
     let mut c = Cluster::start(2, 2).await;

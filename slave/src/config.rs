@@ -40,6 +40,11 @@ pub struct SlaveConfig {
     pub remote_file_max_bytes: u64,
     /// Longest a `remote_files` download may take, in milliseconds. Default 300000.
     pub remote_file_timeout_ms: u64,
+    /// Variables of the slave's own environment passed to every command, besides the fixed
+    /// allow-list (`PATH`, `HOME`, `USER`, `LOGNAME`, `SHELL`, `LANG`, `LANGUAGE`, `LC_*`, `TZ`,
+    /// `TMPDIR`, `TERM`). Nothing else of the slave's environment reaches a command; `ISH_*`
+    /// names are refused. Default empty.
+    pub pass_env: Vec<String>,
     /// Credentials for git remotes.
     pub git: GitConfig,
 }
@@ -95,6 +100,7 @@ impl Default for SlaveConfig {
             shutdown_teardown_ms: 30_000,
             remote_file_max_bytes: 256 << 20,
             remote_file_timeout_ms: 300_000,
+            pass_env: Vec::new(),
             git: GitConfig::default(),
         }
     }

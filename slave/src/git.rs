@@ -746,6 +746,13 @@ impl GitCli<'_> {
         for var in REPO_ENV_VARS {
             command.env_remove(var);
         }
+        // git keeps the slave's environment (HOME, an ssh agent, proxies) but not its secrets:
+        // nothing git runs (an ssh or credential helper) needs ISH_SECRET.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("ISH_") {
+                command.env_remove(var);
+            }
+        }
         command
             // Never ask anyone anything: where git would prompt it fails with a message. An
             // empty (but set) GIT_ASKPASS also hides core.askPass and SSH_ASKPASS from git.

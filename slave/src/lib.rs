@@ -60,6 +60,14 @@ pub async fn run(
     if cfg.executors == 0 {
         return Err(SlaveError::Config("executors must be at least 1".into()));
     }
+    for name in &cfg.pass_env {
+        runner::check_pass_env(name).map_err(SlaveError::Config)?;
+    }
+    // Atoms run as this user: without this, one could read the secret from /proc/<slave>/environ
+    // or attach a debugger to the slave.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(%e, "could not make the slave non-dumpable");
+    }
     let auth = ish_core::auth::SecretInterceptor::new(&secret)
         .map_err(|e| SlaveError::Config(e.to_string()))?;
     let workspaces = project::Workspaces::new(&cfg.data_dir, (&cfg.git).into());
@@ -73,6 +81,7 @@ pub async fn run(
             cfg.remote_file_max_bytes,
             Duration::from_millis(cfg.remote_file_timeout_ms),
         ),
+        inherited_env: runner::inherited_env(&cfg.pass_env),
         auth,
         cfg,
     });

@@ -4,6 +4,11 @@
 //! Cancel sends TERM to the whole process group and KILL after a grace period. When the command's
 //! main process exits, anything it left running in its group is killed too: an atom's processes
 //! never outlive it (a background `sleep 100 &` would otherwise hold the output pipe open).
+//!
+//! A command gets exactly the environment in its [`CommandSpec`], nothing of the slave's own:
+//! the slave's process holds the cluster secret (`ISH_SECRET`) and its settings, and a job that
+//! could read them could register a rogue slave. [`inherited_env`] picks the documented
+//! allow-list of the slave's variables that commands do get.
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::io::Read;
@@ -23,7 +28,8 @@ pub struct CommandSpec {
     pub script: String,
     /// Working directory.
     pub cwd: PathBuf,
-    /// Extra environment, added to the slave's own.
+    /// The whole environment of the command (later entries win): the slave's own variables are
+    /// not inherited, see [`inherited_env`].
     pub env: Vec<(String, String)>,
 }
 
@@ -36,6 +42,41 @@ pub struct Outcome {
     pub seconds: f64,
     /// True when it was stopped by a cancel.
     pub canceled: bool,
+}
+
+/// Variables of the slave's own environment that every command inherits, besides `LC_*`.
+pub const INHERITED_VARS: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+];
+
+/// Why a `pass_env` name is refused.
+pub fn check_pass_env(name: &str) -> Result<(), String> {
+    if name.starts_with("ISH_") {
+        Err(format!(
+            "pass_env may not name {name:?}: ISH_* variables are the slave's own settings and secret"
+        ))
+    } else if name.is_empty() || name.contains('=') || name.contains('\0') {
+        Err(format!("pass_env holds an invalid variable name {name:?}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The slave's variables that commands inherit: [`INHERITED_VARS`], `LC_*` and the names in
+/// `extra` (the slave's `pass_env` setting), as they are in the slave's environment now.
+/// `ISH_*` variables are never passed, whatever `extra` says.
+pub fn inherited_env(extra: &[String]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| {
+            !k.starts_with("ISH_")
+                && (INHERITED_VARS.contains(&k.as_str())
+                    || k.starts_with("LC_")
+                    || extra.iter().any(|e| e == k))
+        })
+        .collect();
+    env.sort();
+    env
 }
 
 fn shell() -> (&'static str, bool) {
@@ -88,6 +129,7 @@ pub async fn run(
     cmd.arg("-c")
         .arg(script)
         .current_dir(&spec.cwd)
+        .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(writer.try_clone()?)
@@ -235,6 +277,45 @@ mod tests {
         .unwrap();
         assert_eq!(o.exit_code, 0);
         assert_eq!(String::from_utf8(out).unwrap(), "out-hello\nerr\nout2\n");
+    }
+
+    #[tokio::test]
+    async fn the_slaves_own_environment_is_not_inherited() {
+        // The test process stands in for the slave: whatever it has that is not in the spec or
+        // on the allow-list must not reach the command.
+        assert!(std::env::var_os("PATH").is_some());
+        let mut s = spec("env");
+        s.env
+            .extend(inherited_env(&["CARGO".into(), "ISH_NOPE".into()]));
+        let (o, out) = run_capture(s, CancellationToken::new(), Duration::from_secs(1), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(o.exit_code, 0);
+        let out = String::from_utf8(out).unwrap();
+        let mut names: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, _)| k)
+            .collect();
+        names.sort();
+        for n in &names {
+            let allowed = INHERITED_VARS.contains(n)
+                || n.starts_with("LC_")
+                || ["ISH_TEST_VAR", "CARGO", "PWD", "SHLVL", "_", "OLDPWD"].contains(n);
+            assert!(allowed, "{n} reached the command: {names:?}");
+        }
+        assert!(names.contains(&"PATH"), "{names:?}");
+        // Cargo sets CARGO for test processes: passed because it was asked for.
+        assert!(names.contains(&"CARGO"), "{names:?}");
+        assert!(!names.contains(&"CARGO_PKG_NAME"), "{names:?}");
+        assert!(out.contains("ISH_TEST_VAR=hello\n"), "{out}");
+    }
+
+    #[test]
+    fn pass_env_may_not_name_ish_variables() {
+        assert!(check_pass_env("ISH_SECRET").is_err());
+        assert!(check_pass_env("A=B").is_err());
+        assert!(check_pass_env("JAVA_HOME").is_ok());
     }
 
     #[tokio::test]

@@ -56,6 +56,8 @@ pub struct Shared {
     pub workspaces: Workspaces,
     /// Downloads of `remote_files`.
     pub downloader: crate::remote::Downloader,
+    /// The slave's own variables every command gets (the allow-list, read at start).
+    pub inherited_env: Vec<(String, String)>,
 }
 
 /// The live session, as the worker's tasks see it.
@@ -389,9 +391,11 @@ impl Worker {
         }
     }
 
-    /// Environment of every command of a build: the build's own `env`, then what Ish CD sets.
+    /// Environment of every command of a build: the allowed part of the slave's own, the build's
+    /// `env`, then what Ish CD sets (later entries win).
     fn base_env(&self, b: &BuildCtx, ws: &Workspace) -> Vec<(String, String)> {
-        let mut env = b.env();
+        let mut env = self.shared.inherited_env.clone();
+        env.extend(b.env());
         env.push(("PROJECT_DIR".into(), ws.project_dir.display().to_string()));
         env.push(("ISH_BUILD_ID".into(), b.id.to_string()));
         env.push(("ISH_SLAVE_NAME".into(), self.shared.name.clone()));
