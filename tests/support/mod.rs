@@ -2,6 +2,8 @@
 //! request builders, waiting on builds, reading archives.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use ish_cli::local::BuildsClient;
 use ish_core::proto::{self, project_source::Kind};
 use std::collections::{BTreeMap, BTreeSet};
