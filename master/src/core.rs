@@ -407,6 +407,13 @@ pub fn validate_request(req: &proto::BuildRequest, max_atoms: usize) -> Result<(
                     "Missing required parameter. Required parameters: ['url']",
                 ));
             }
+            // git would read a leading '-' as an option, whatever the transport.
+            if g.url.starts_with('-') {
+                return Err(invalid(format!(
+                    "Invalid url \"{}\": a repository URL or path cannot start with '-'.",
+                    g.url
+                )));
+            }
             if !g.hash.is_empty()
                 && (g.hash.len() < 7
                     || g.hash.len() > 40
@@ -436,6 +443,22 @@ pub fn validate_request(req: &proto::BuildRequest, max_atoms: usize) -> Result<(
         }
     }
     let pd = &req.project_directory;
+    let has_nul = |s: &str| s.contains('\0');
+    if has_nul(pd)
+        || has_nul(&req.job_name)
+        || req
+            .source
+            .as_ref()
+            .and_then(|s| s.kind.as_ref())
+            .is_some_and(|k| match k {
+                Kind::Git(g) => has_nul(&g.url) || has_nul(&g.branch) || has_nul(&g.remote),
+                Kind::Directory(d) => has_nul(&d.path),
+            })
+    {
+        return Err(invalid(
+            "Invalid build request: a path, URL, branch or job name cannot contain a NUL character.",
+        ));
+    }
     if pd.starts_with('/') || pd.split('/').any(|p| p == "..") {
         return Err(invalid(format!(
             "project_directory \"{pd}\" must be a relative path inside the repository, without \"..\"."
