@@ -19,6 +19,12 @@ mod proptests;
 pub mod proto;
 pub mod state;
 
+/// Largest gRPC message any role sends or accepts, on both ends of every link: one constant so
+/// the roles never disagree (a slave keeping tonic's 4 MiB default while the master sends a
+/// 50,000-atom build made every slave drop its session). Requests are bounded by their own limits
+/// (atoms, config, env); this only has to let the largest valid message through.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Version of every Ish CD binary built from this tree.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -739,8 +739,8 @@ pub async fn b3(scale: Scale) -> anyhow::Result<Vec<Row>> {
             channels[i / per_channel].clone(),
             auth.clone(),
         )
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(ish_core::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ish_core::MAX_MESSAGE_BYTES);
         let (observed, work_us) = (observed.clone(), work_us.clone());
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = tokio::sync::mpsc::channel::<proto::SlaveMessage>(1024);

@@ -48,8 +48,11 @@ pub async fn connect(
     };
     Ok((
         proto::builds_client::BuildsClient::with_interceptor(channel.clone(), auth.clone())
-            .max_decoding_message_size(64 << 20),
-        proto::cluster_client::ClusterClient::with_interceptor(channel, auth),
+            .max_decoding_message_size(ish_core::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ish_core::MAX_MESSAGE_BYTES),
+        proto::cluster_client::ClusterClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(ish_core::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ish_core::MAX_MESSAGE_BYTES),
     ))
 }
 

@@ -32,10 +32,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 
-/// Largest gRPC message accepted. Requests are bounded by their own limits (atoms, config,
-/// env); this only has to let the largest valid request through (tonic's default is 4 MiB, less
-/// than a 10 MiB REST body once the gateway adds its request_params copy).
-const MAX_MESSAGE: usize = 64 << 20;
+/// Largest gRPC message accepted (tonic's default is 4 MiB, less than a 10 MiB REST body once the
+/// gateway adds its request_params copy).
+const MAX_MESSAGE: usize = ish_core::MAX_MESSAGE_BYTES;
 
 /// File in the data dir that holds the address the master listens on.
 pub const ADDR_FILE: &str = "master.addr";

@@ -64,7 +64,10 @@ pub async fn run_session(
     let mut link = proto::slave_link_client::SlaveLinkClient::with_interceptor(
         channel,
         worker.shared.auth.clone(),
-    );
+    )
+    // The master's limit: a build of many atoms is one large Build message.
+    .max_decoding_message_size(ish_core::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(ish_core::MAX_MESSAGE_BYTES);
     // Between the outbox and the wire: small, the outbox is where messages wait.
     let (tx, rx) = mpsc::channel::<proto::SlaveMessage>(64);
     let (attempts, builds) = worker.report();
