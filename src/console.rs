@@ -6,12 +6,22 @@
 //! counted in `total_num_lines`, follow ClusterRunner's `ConsoleOutput`
 //! exactly because clients page through output using those numbers.
 //!
-//! The functions work on the whole byte content but never split it into a
-//! vector of lines: outputs can be hundreds of megabytes and most requests
-//! want only a few lines of them.
+//! Pages are read from a seekable source (the console file) in fixed-size chunks: a console can
+//! be hundreds of megabytes and most requests want 50 lines of it, so memory is one chunk plus
+//! the page, never the whole output. A tail read scans forward once to count lines, then back
+//! from the end only as far as the page goes.
+
+use std::io::{Read, Seek, SeekFrom};
 
 /// Default page size when a request gives no `max_lines`.
 pub const DEFAULT_MAX_LINES: u64 = 50;
+
+/// Most bytes of console text one page may hold. Beyond it the caller asks for fewer lines or
+/// streams the console: a page is one message and lives in memory while it is answered.
+pub const MAX_PAGE_BYTES: u64 = 8 << 20;
+
+/// Bytes read at a time while scanning.
+const CHUNK: usize = 64 << 10;
 
 /// One page of an atom's console output, as returned by the console endpoints.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,9 +52,18 @@ pub enum ConsoleError {
     /// `max_lines` was 0, which can never return anything useful.
     #[error("max_lines must be a positive integer")]
     BadMaxLines,
+    /// The page would hold more than one answer may carry.
+    #[error(
+        "the page would hold more than {max_bytes} bytes of console: ask for fewer lines \
+         (max_lines, with offset_line to go on), or stream the whole console (TailConsole)"
+    )]
+    PageTooLarge {
+        /// The limit that was hit.
+        max_bytes: u64,
+    },
 }
 
-/// Returns a page of `data` (the full console output bytes).
+/// Returns a page of `data` (the full console output bytes), without a size limit.
 ///
 /// * `offset_line == None` (tail mode): the last `max_lines` complete lines;
 ///   `offset_line` of the page is the index of the first returned line and
@@ -63,115 +82,238 @@ pub fn page(
     max_lines: u64,
     offset_line: Option<u64>,
 ) -> Result<ConsolePage, ConsoleError> {
+    let source = std::io::Cursor::new(data);
+    page_from(source, data.len() as u64, max_lines, offset_line, u64::MAX)
+        .expect("reading memory cannot fail")
+}
+
+/// [`page`] over the first `len` bytes of a seekable source (a console file, of which `len` is
+/// the size when it was opened: a live console may grow meanwhile). A page of more than
+/// `max_bytes` is [`ConsoleError::PageTooLarge`]. Memory: one chunk and the page.
+pub fn page_from<R: Read + Seek>(
+    source: R,
+    len: u64,
+    max_lines: u64,
+    offset_line: Option<u64>,
+    max_bytes: u64,
+) -> std::io::Result<Result<ConsolePage, ConsoleError>> {
+    page_in_chunks(source, len, max_lines, offset_line, max_bytes, CHUNK)
+}
+
+/// [`page_from`] with the chunk size as a parameter, so tests cross chunk boundaries often.
+pub(crate) fn page_in_chunks<R: Read + Seek>(
+    source: R,
+    len: u64,
+    max_lines: u64,
+    offset_line: Option<u64>,
+    max_bytes: u64,
+    chunk: usize,
+) -> std::io::Result<Result<ConsolePage, ConsoleError>> {
     if max_lines == 0 {
-        return Err(ConsoleError::BadMaxLines);
+        return Ok(Err(ConsoleError::BadMaxLines));
     }
+    let mut src = Source {
+        r: source,
+        len,
+        buf: vec![0; chunk.max(1)],
+    };
     match offset_line {
-        None => Ok(tail(data, max_lines)),
-        Some(offset) => from_offset(data, max_lines, offset),
+        None => tail(&mut src, max_lines, max_bytes),
+        Some(offset) => from_offset(&mut src, max_lines, offset, max_bytes),
     }
 }
 
-fn tail(data: &[u8], max_lines: u64) -> ConsolePage {
-    let complete = match data.iter().rposition(|&b| b == b'\n') {
-        Some(last) => &data[..=last],
-        None => &data[..0],
+fn tail<R: Read + Seek>(
+    src: &mut Source<R>,
+    max_lines: u64,
+    max_bytes: u64,
+) -> std::io::Result<Result<ConsolePage, ConsoleError>> {
+    let mut total = 0_u64;
+    let mut last_newline = None;
+    src.forward(0, |nl| {
+        total += 1;
+        last_newline = Some(nl);
+        true
+    })?;
+    let Some(last) = last_newline else {
+        return Ok(Ok(ConsolePage {
+            offset_line: 0,
+            num_lines: 0,
+            total_num_lines: 0,
+            content: String::new(),
+        }));
     };
-    let total = count_newlines(complete);
     let wanted = total.min(max_lines);
-
-    // Walk back line by line from the end so the work is proportional to the
-    // returned content, not to the whole output.
-    let mut start = complete.len();
-    for _ in 0..wanted {
-        // complete[start - 1] is the '\n' ending the line we are stepping over.
-        start = complete[..start - 1]
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |p| p + 1);
+    let end = last + 1;
+    // Back from the last line's '\n' over the other wanted - 1 line ends: the next '\n' before
+    // them ends the line before the page.
+    let mut seen = 0_u64;
+    let mut too_large = false;
+    let before = src.backward(last, |nl| {
+        if end - (nl + 1) > max_bytes {
+            too_large = true;
+            return false;
+        }
+        seen += 1;
+        seen < wanted
+    })?;
+    let start = match before {
+        Some(nl) if !too_large => nl + 1,
+        _ => 0,
+    };
+    if too_large || end - start > max_bytes {
+        return Ok(Err(ConsoleError::PageTooLarge { max_bytes }));
     }
-
-    ConsolePage {
+    Ok(Ok(ConsolePage {
         offset_line: total - wanted,
         num_lines: wanted,
         total_num_lines: total,
-        content: decode(&complete[start..]),
-    }
+        content: decode(src.read(start, end)?),
+    }))
 }
 
-fn from_offset(data: &[u8], max_lines: u64, offset: u64) -> Result<ConsolePage, ConsoleError> {
-    let mut pos = 0_usize;
-    for skipped in 0..offset {
-        if pos >= data.len() {
-            return Err(ConsoleError::OffsetPastEnd {
-                offset_line: offset,
-                total_lines: skipped,
-            });
-        }
-        pos = next_line_start(data, pos);
-    }
-
-    let start = pos;
-    let mut num_lines = 0_u64;
-    let mut hit_max = false;
-    loop {
-        if num_lines == max_lines {
-            hit_max = true;
-            break;
-        }
-        match find_newline(data, pos) {
-            Some(nl) => {
-                pos = nl + 1;
-                num_lines += 1;
+fn from_offset<R: Read + Seek>(
+    src: &mut Source<R>,
+    max_lines: u64,
+    offset: u64,
+    max_bytes: u64,
+) -> std::io::Result<Result<ConsolePage, ConsoleError>> {
+    // Skip `offset` lines, each up to its '\n' (a trailing partial line counts as one).
+    let start = if offset == 0 {
+        0
+    } else {
+        let mut skipped = 0_u64;
+        match src.forward(0, |_| {
+            skipped += 1;
+            skipped < offset
+        })? {
+            Some(nl) => nl + 1,
+            None => {
+                let ends_partial = src.len > 0 && !src.ends_with_newline()?;
+                let available = skipped + u64::from(ends_partial);
+                if offset > available {
+                    return Ok(Err(ConsoleError::OffsetPastEnd {
+                        offset_line: offset,
+                        total_lines: available,
+                    }));
+                }
+                src.len
             }
-            // End of data or a line still being written.
-            None => break,
         }
-    }
-    let content = decode(&data[start..pos]);
+    };
 
-    // The original keeps counting with readline() only after a full page; if
-    // it stopped at a partial line, that line was already consumed and is not
-    // counted.
+    // Up to max_lines complete lines; the page stops early at a partial line.
+    let mut num_lines = 0_u64;
+    let mut end = start;
+    let mut hit_max = num_lines == max_lines;
+    if !hit_max {
+        src.forward(start, |nl| {
+            num_lines += 1;
+            end = nl + 1;
+            hit_max = num_lines == max_lines;
+            !hit_max && end - start <= max_bytes
+        })?;
+    }
+    if end - start > max_bytes {
+        return Ok(Err(ConsoleError::PageTooLarge { max_bytes }));
+    }
+
+    // The original keeps counting with readline() only after a full page; if it stopped at a
+    // partial line, that line was already consumed and is not counted.
     let after = if hit_max {
-        count_lines(&data[pos..])
+        let mut newlines = 0_u64;
+        src.forward(end, |_| {
+            newlines += 1;
+            true
+        })?;
+        let partial = src.len > end && !src.ends_with_newline()?;
+        newlines + u64::from(partial)
     } else {
         0
     };
-
-    Ok(ConsolePage {
+    Ok(Ok(ConsolePage {
         offset_line: offset,
         num_lines,
         total_num_lines: offset + num_lines + after,
-        content,
-    })
+        content: decode(src.read(start, end)?),
+    }))
 }
 
-fn find_newline(data: &[u8], from: usize) -> Option<usize> {
-    data[from..]
-        .iter()
-        .position(|&b| b == b'\n')
-        .map(|p| from + p)
+/// The first `len` bytes of a seekable source, scanned one chunk at a time.
+struct Source<R> {
+    r: R,
+    len: u64,
+    buf: Vec<u8>,
 }
 
-/// Start of the line after the one starting at `from`, like one `readline()`.
-fn next_line_start(data: &[u8], from: usize) -> usize {
-    find_newline(data, from).map_or(data.len(), |nl| nl + 1)
+impl<R: Read + Seek> Source<R> {
+    /// Reads `n` bytes at `pos` into the buffer's front.
+    fn fill(&mut self, pos: u64, n: usize) -> std::io::Result<&[u8]> {
+        self.r.seek(SeekFrom::Start(pos))?;
+        self.r.read_exact(&mut self.buf[..n])?;
+        Ok(&self.buf[..n])
+    }
+
+    /// Calls `on_newline` with the position of each '\n' from `from` on, in order, until it
+    /// returns false; returns that newline's position, or None at the end.
+    fn forward(
+        &mut self,
+        from: u64,
+        mut on_newline: impl FnMut(u64) -> bool,
+    ) -> std::io::Result<Option<u64>> {
+        let mut pos = from;
+        while pos < self.len {
+            let n = (self.len - pos).min(self.buf.len() as u64) as usize;
+            let chunk = self.fill(pos, n)?;
+            for i in memchr::memchr_iter(b'\n', chunk) {
+                let nl = pos + i as u64;
+                if !on_newline(nl) {
+                    return Ok(Some(nl));
+                }
+            }
+            pos += n as u64;
+        }
+        Ok(None)
+    }
+
+    /// Like [`Source::forward`], toward the start, over the '\n's before `before`.
+    fn backward(
+        &mut self,
+        before: u64,
+        mut on_newline: impl FnMut(u64) -> bool,
+    ) -> std::io::Result<Option<u64>> {
+        let mut end = before.min(self.len);
+        while end > 0 {
+            let n = end.min(self.buf.len() as u64) as usize;
+            let pos = end - n as u64;
+            let chunk = self.fill(pos, n)?;
+            for i in memchr::memrchr_iter(b'\n', chunk) {
+                let nl = pos + i as u64;
+                if !on_newline(nl) {
+                    return Ok(Some(nl));
+                }
+            }
+            end = pos;
+        }
+        Ok(None)
+    }
+
+    fn ends_with_newline(&mut self) -> std::io::Result<bool> {
+        Ok(self.len > 0 && self.fill(self.len - 1, 1)?[0] == b'\n')
+    }
+
+    /// The bytes in `start..end` (bounded by the caller).
+    fn read(&mut self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+        let mut out = vec![0; (end - start) as usize];
+        self.r.seek(SeekFrom::Start(start))?;
+        self.r.read_exact(&mut out)?;
+        Ok(out)
+    }
 }
 
-fn count_newlines(data: &[u8]) -> u64 {
-    // A plain filter/count loop vectorises well; it is the only full scan tail mode needs.
-    data.iter().filter(|&&b| b == b'\n').count() as u64
-}
-
-/// Lines as `readline()` would return them: terminated ones plus a non-empty tail.
-fn count_lines(data: &[u8]) -> u64 {
-    let partial = u64::from(data.last().is_some_and(|&b| b != b'\n'));
-    count_newlines(data) + partial
-}
-
-fn decode(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// UTF-8 with replacement, without a copy when the bytes are valid.
+fn decode(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[cfg(test)]

@@ -638,6 +638,28 @@ proptest! {
     }
 
     #[test]
+    fn console_pages_read_in_small_chunks_match_the_reference(
+        data in console_bytes(),
+        max in max_lines(),
+        offset in prop::option::of(prop_oneof![4 => 0u64..40, 1 => any::<u64>()]),
+        chunk in 1usize..9,
+        max_bytes in prop_oneof![1 => Just(u64::MAX), 3 => 0u64..80],
+    ) {
+        // ASCII, so that the page's size in bytes is its content's length.
+        let data: Vec<u8> = data.iter().map(|b| b & 0x7f).collect();
+        let got = console::page_in_chunks(
+            std::io::Cursor::new(&data), data.len() as u64, max, offset, max_bytes, chunk,
+        ).unwrap();
+        let want = match reference_page(&data, max, offset) {
+            Ok(p) if p.content.len() as u64 > max_bytes => {
+                Err(console::ConsoleError::PageTooLarge { max_bytes })
+            }
+            other => other,
+        };
+        prop_assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&data));
+    }
+
+    #[test]
     fn zero_max_lines_is_refused(data in console_bytes(), offset in prop::option::of(any::<u64>())) {
         prop_assert_eq!(console::page(&data, 0, offset), Err(console::ConsoleError::BadMaxLines));
     }

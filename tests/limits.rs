@@ -61,3 +61,86 @@ async fn a_50000_atom_build_reaches_the_slaves_whole() {
     }
     c.stop();
 }
+
+/// Peak resident memory of a process so far (VmHWM), in MiB.
+fn peak_rss_mib(pid: nix::unistd::Pid) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// Console pages are read from the file in bounded memory: 48 concurrent 50-line reads of a
+/// 60 MB console barely move the master's peak RSS (each read used to load the whole file), the
+/// pages are right, and a page larger than one answer may carry is refused with a message that
+/// says what to do instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pages_are_read_in_bounded_memory() {
+    let c = Cluster::start(1, 1).await;
+    // 600,000 lines of 100 bytes: "<6-digit line number>" + 93 x's + "\n".
+    let project = project_with(
+        "J:\n  commands: ['seq -f %06.0f 0 599999 | sed \"s/$/$(printf \"%093d\" 0 | tr 0 x)/\"']\n  atomizers: [{T: 'seq 1 1'}]\n",
+    );
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        build.result,
+        proto::BuildResult::NoFailures as i32,
+        "{build:#?}"
+    );
+    let sj = subjobs(&mut b, id).await.remove(0);
+    let line = |i: u64| format!("{i:06}{}\n", "x".repeat(93));
+    let req = |max_lines: u32, offset_line: Option<u64>| proto::GetConsoleRequest {
+        build_id: id,
+        subjob_id: sj.id,
+        atom_id: sj.atoms[0].id,
+        max_lines,
+        offset_line,
+    };
+
+    let before = peak_rss_mib(c.master.pid());
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..48u64 {
+        let mut b = b.clone();
+        let r = req(50, (i % 2 == 0).then_some(i * 10_000));
+        reads.spawn(async move { (i, b.get_console(r).await.unwrap().into_inner()) });
+    }
+    while let Some(done) = reads.join_next().await {
+        let (i, page) = done.unwrap();
+        let first = if i % 2 == 0 { i * 10_000 } else { 600_000 - 50 };
+        assert_eq!(page.offset_line, first);
+        assert_eq!(page.num_lines, 50);
+        assert_eq!(page.total_num_lines, 600_000);
+        assert_eq!(
+            page.content,
+            (first..first + 50).map(line).collect::<String>()
+        );
+    }
+    let after = peak_rss_mib(c.master.pid());
+    println!(
+        "master peak RSS: {before:.0} MiB before 48 concurrent page reads, {after:.0} MiB after"
+    );
+    assert!(
+        after - before < 64.0,
+        "48 page reads of a 60 MB console took the master from {before:.0} to {after:.0} MiB"
+    );
+
+    // The whole console in one page is more than one answer may carry.
+    let err = b.get_console(req(u32::MAX, Some(0))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("max_lines") && err.message().contains("TailConsole"),
+        "{err:?}"
+    );
+    // Past the end: the ClusterRunner message.
+    let err = b.get_console(req(10, Some(600_001))).await.unwrap_err();
+    assert_eq!(
+        err.message(),
+        "offset 600001 is higher than the total number of lines: 600000"
+    );
+    c.stop();
+}

@@ -7,7 +7,6 @@ use crate::results::ArchiveKind;
 use ish_core::proto::{self, slave_message::Msg as Up};
 use ish_core::{console, paths};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::pin::Pin;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -311,33 +310,70 @@ impl BuildsService {
     }
 }
 
-/// Reads an atom's console from `offset`, wherever it is right now: a completed atom's file may
-/// still be in its attempt directory until the results queue moves it (an atomic rename).
-async fn read_console(loc: &ConsoleLocation, offset: u64) -> std::io::Result<Vec<u8>> {
+/// Opens an atom's console wherever it is right now: a completed atom's file may still be in its
+/// attempt directory until the results queue moves it (an atomic rename). None: the atom has
+/// printed nothing. An open file stays readable whatever rename follows.
+async fn open_console(loc: &ConsoleLocation) -> std::io::Result<Option<tokio::fs::File>> {
     // Moves are atomic renames toward `path`: looking at `path`, then where it comes from, then
-    // at `path` again finds the file wherever it is (no file at all: the atom printed nothing).
-    for p in std::iter::once(&loc.path).chain(&loc.pending) {
-        match read_from_strict(p, offset).await {
+    // at `path` again finds the file wherever it is.
+    let candidates = std::iter::once(&loc.path)
+        .chain(&loc.pending)
+        .chain(std::iter::once(&loc.path));
+    for p in candidates {
+        match tokio::fs::File::open(p).await {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            other => return other,
+            other => return other.map(Some),
         }
     }
-    read_from(&loc.path, offset).await
+    Ok(None)
 }
 
-async fn read_from(path: &PathBuf, offset: u64) -> std::io::Result<Vec<u8>> {
-    match read_from_strict(path, offset).await {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        other => other,
+/// One page of a console, read from its file in bounded memory (one chunk and the page).
+async fn console_page(
+    loc: &ConsoleLocation,
+    max_lines: u64,
+    offset_line: Option<u64>,
+) -> Result<console::ConsolePage, Status> {
+    let io_error = |e| Status::from(MasterError::io("reading console", e));
+    let Some(file) = open_console(loc).await.map_err(io_error)? else {
+        return console::page(&[], max_lines, offset_line)
+            .map_err(|e| Status::invalid_argument(e.to_string()));
+    };
+    let file = file.into_std().await;
+    // Scanning a large console is many reads: off the async workers.
+    let page = tokio::task::spawn_blocking(move || {
+        let len = file.metadata()?.len();
+        console::page_from(file, len, max_lines, offset_line, console::MAX_PAGE_BYTES)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("reading console: {e}")))?
+    .map_err(io_error)?;
+    page.map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Sends a console's bytes from `offset` to its current end in DOWNLOAD_CHUNK messages, moving
+/// `offset` along. False: the receiver is gone.
+async fn send_console_from(
+    loc: &ConsoleLocation,
+    offset: &mut u64,
+    tx: &mpsc::Sender<Result<proto::ConsoleData, Status>>,
+) -> std::io::Result<bool> {
+    let Some(mut file) = open_console(loc).await? else {
+        return Ok(true);
+    };
+    file.seek(std::io::SeekFrom::Start(*offset)).await?;
+    let mut buf = vec![0; DOWNLOAD_CHUNK];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(true);
+        }
+        *offset += n as u64;
+        let data = buf[..n].to_vec();
+        if tx.send(Ok(proto::ConsoleData { data })).await.is_err() {
+            return Ok(false);
+        }
     }
-}
-
-async fn read_from_strict(path: &PathBuf, offset: u64) -> std::io::Result<Vec<u8>> {
-    let mut f = tokio::fs::File::open(path).await?;
-    f.seek(std::io::SeekFrom::Start(offset)).await?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf).await?;
-    Ok(buf)
 }
 
 #[tonic::async_trait]
@@ -416,16 +452,12 @@ impl proto::builds_server::Builds for BuildsService {
         let loc = self
             .console_location(q.build_id, q.subjob_id, q.atom_id)
             .await?;
-        let data = read_console(&loc, 0)
-            .await
-            .map_err(|e| Status::from(MasterError::io("reading console", e)))?;
         let max_lines = if q.max_lines == 0 {
             console::DEFAULT_MAX_LINES
         } else {
             u64::from(q.max_lines)
         };
-        let page = console::page(&data, max_lines, q.offset_line)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let page = console_page(&loc, max_lines, q.offset_line).await?;
         Ok(Response::new(proto::ConsolePage {
             offset_line: page.offset_line,
             num_lines: page.num_lines,
@@ -451,24 +483,13 @@ impl proto::builds_server::Builds for BuildsService {
             let mut loc = first;
             let mut offset = 0u64;
             loop {
-                let data = match read_console(&loc, offset).await {
-                    Ok(d) => d,
+                match send_console_from(&loc, &mut offset, &tx).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
                     Err(e) => {
                         let _ = tx
                             .send(Err(Status::from(MasterError::io("reading console", e))))
                             .await;
-                        return;
-                    }
-                };
-                offset += data.len() as u64;
-                for piece in data.chunks(DOWNLOAD_CHUNK) {
-                    if tx
-                        .send(Ok(proto::ConsoleData {
-                            data: piece.to_vec(),
-                        }))
-                        .await
-                        .is_err()
-                    {
                         return;
                     }
                 }
