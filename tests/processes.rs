@@ -1135,26 +1135,66 @@ async fn setup_exclusion_timeouts_and_flaky_atoms_with_real_binaries() {
 }
 
 /// Queue dispatch with timing history sends short atoms in batches; a slave killed while it runs
-/// batches loses nothing: each atom's console and artifact exactly once, in its own directory.
+/// a batch loses nothing: each atom's console and artifact exactly once, in its own directory.
+/// The atoms of the measured build wait for a release file, so the kill comes at a moment the
+/// master's API shows slave-1 running a subjob of several atoms and the slave has started it:
+/// no timing decides whether a batch was cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_slave_mid_batch_loses_nothing() {
     let mut c = Cluster::start(2, 2).await;
-    let project = project_with(
-        "K:\n  commands: ['sleep 0.01', 'echo $T > $ARTIFACT_DIR/t', 'echo done $T']\n  atomizers: [{T: 'seq 1 400'}]\n",
-    );
+    let marker = tempfile::tempdir().unwrap();
+    let go = marker.path().join("go");
+    let started = marker.path().join("started");
+    let job = |wait: bool| {
+        format!(
+            "K:\n  commands: [{}'echo $T > $ARTIFACT_DIR/t', 'echo done $T']\n  atomizers: [{{T: 'seq 1 400'}}]\n",
+            if wait {
+                format!(
+                    "'echo $T $ISH_SLAVE_NAME >> {}', 'while [ ! -e {} ]; do sleep 0.02; done', ",
+                    started.display(),
+                    go.display()
+                )
+            } else {
+                String::new()
+            }
+        )
+    };
+    let project = project_with(&job(false));
     let (mut b, _) = c.clients().await;
-    // The first build records the atoms' times.
+    // The first build records the atoms' times (the command string is the key, not the commands).
     let first = submit(&mut b, dir_request(project.path())).await;
     let first = wait_final(&mut b, first).await;
     assert_eq!(first.result, proto::BuildResult::NoFailures as i32);
     assert_eq!(first.num_subjobs, 400, "no history: one atom per subjob");
+    write_job(project.path(), &job(true));
     let id = submit(&mut b, dir_request(project.path())).await;
-    wait_for(&mut b, id, Duration::from_secs(30), |b| {
-        b.completed_atoms >= 40
-    })
-    .await;
+    // Wait until slave-1 provably holds a batch: the master lists a running subjob of several
+    // atoms on it, and its first atom has started on slave-1 (it is now blocked on `go`).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = loop {
+        let sjs = subjobs(&mut b, id).await;
+        let starts = std::fs::read_to_string(&started).unwrap_or_default();
+        let held = sjs.iter().find(|s| {
+            s.slave == "slave-1"
+                && s.state == proto::SubjobState::Running as i32
+                && s.atoms.len() > 1
+                && starts
+                    .lines()
+                    .any(|l| l == format!("{} slave-1", token(&s.atoms[0].command_string)))
+        });
+        if let Some(s) = held {
+            break s.id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slave-1 never ran a batch: {sjs:#?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
     kill(c.slaves[1].pid(), Signal::SIGKILL).unwrap();
     c.slaves[1].wait_exit(Duration::from_secs(5));
+    std::fs::write(&go, b"").unwrap();
     let build = wait_final(&mut b, id).await;
     assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
     assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
@@ -1171,11 +1211,186 @@ async fn kill_9_of_a_slave_mid_batch_loses_nothing() {
     })
     .await;
     let sjs = subjobs(&mut b, id).await;
+    let again = sjs.iter().find(|s| s.id == held).unwrap();
     assert!(
-        sjs.iter().any(|s| s.attempts >= 2 && s.atoms.len() > 1),
-        "a batch the killed slave was running was dispatched again"
+        again.attempts >= 2 && again.atoms.len() > 1,
+        "a batch the killed slave was running was dispatched again: {again:#?}"
+    );
+    assert!(
+        again.atoms.iter().all(|a| a.slave == "slave-0"),
+        "the batch's results all come from the slave that reran it: {again:#?}"
     );
     c.slaves.remove(1);
+    c.stop();
+}
+
+/// A slave started with a relative `--data-dir` from some working directory: its atoms (which
+/// run in the project directory) get an absolute `$ARTIFACT_DIR` under that working directory,
+/// write their artifacts there, and the artifacts arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_with_a_relative_data_dir_runs_atoms_whose_artifacts_arrive() {
+    let mut c = Cluster::start(0, 1).await;
+    let cwd = tempfile::tempdir().unwrap();
+    let slave = Proc::spawn_in(
+        "slave-rel",
+        &[
+            "slave",
+            "--master",
+            &c.url,
+            "--executors",
+            "2",
+            "--data-dir",
+            "rel/data",
+            "--name",
+            "slave-rel",
+        ],
+        &c.secret,
+        c.dir.path(),
+        cwd.path(),
+    );
+    c.slaves.push(slave);
+    c.wait_slaves(1).await;
+    let project = project_with(
+        "R:\n  commands: ['echo $T > $ARTIFACT_DIR/t', 'echo \"$ARTIFACT_DIR\" > $ARTIFACT_DIR/dir', 'echo ok $T']\n  atomizers: [{T: 'seq 1 4'}]\n",
+    );
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        build.result,
+        proto::BuildResult::NoFailures as i32,
+        "{build:#?}\n{}",
+        c.logs()
+    );
+    let zip = zip_files(&download(&mut b, id, proto::ArchiveFormat::Zip).await);
+    let data = cwd.path().join("rel/data");
+    let mut seen = 0;
+    for (name, content) in &zip {
+        if name.ends_with("/dir") {
+            let dir = String::from_utf8_lossy(content);
+            assert!(
+                dir.trim().starts_with(&data.display().to_string()),
+                "$ARTIFACT_DIR {dir} is not under {}",
+                data.display()
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 4, "{:?}", zip.keys());
+    for sj in subjobs(&mut b, id).await {
+        for a in &sj.atoms {
+            let t = token(&a.command_string);
+            let dir = format!("artifact_{}_{}", sj.id, a.id);
+            assert_eq!(zip[&format!("{dir}/t")], format!("{t}\n").into_bytes());
+        }
+    }
+    c.stop();
+}
+
+/// Reads the whole console of one atom through the API.
+async fn console_of(
+    b: &mut ish_cli::local::BuildsClient,
+    id: u64,
+    subjob: u32,
+    atom: u32,
+) -> String {
+    b.get_console(proto::GetConsoleRequest {
+        build_id: id,
+        subjob_id: subjob,
+        atom_id: atom,
+        max_lines: 10_000,
+        offset_line: Some(0),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .content
+}
+
+/// An artifact over `max_artifact_bytes_per_atom` is cut short by the master's refusal: it is
+/// left out of the results (a truncated file would look whole), the files that arrived whole
+/// are kept, the console says what happened, and the atom is a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_cut_by_the_size_limit_is_left_out_with_a_note() {
+    let c = Cluster::start_with(1, 1, "max_artifact_bytes_per_atom = 300000\n").await;
+    let project = project_with(
+        "A:\n  commands: ['echo small > $ARTIFACT_DIR/a.txt', 'head -c 1000000 /dev/zero > $ARTIFACT_DIR/big.bin', 'echo printed $T']\n  atomizers: [{T: 'seq 1'}]\n",
+    );
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(state(&build), proto::BuildState::Finished, "{build:#?}");
+    assert_eq!(build.failed_atom_count, 1, "{build:#?}");
+    let zip = zip_files(&download(&mut b, id, proto::ArchiveFormat::Zip).await);
+    let names: Vec<&String> = zip.keys().collect();
+    assert!(
+        !zip.contains_key("artifact_0_0/big.bin"),
+        "a cut file is in the results: {names:?}"
+    );
+    assert_eq!(
+        zip.get("artifact_0_0/a.txt").map(Vec::as_slice),
+        Some(&b"small\n"[..]),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains(".ish-upload-manifest")),
+        "{names:?}"
+    );
+    let console = console_of(&mut b, id, 0, 0).await;
+    assert!(console.contains("printed 1"), "{console}");
+    assert!(
+        console.contains("max_artifact_bytes_per_atom"),
+        "the console says why: {console}"
+    );
+    assert!(
+        console.contains("\"big.bin\" (1000000 bytes) is not in the results"),
+        "the console names the file left out: {console}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&zip["artifact_0_0/clusterrunner_console_output"]),
+        console
+    );
+    c.stop();
+}
+
+/// Artifact names that are not UTF-8 (protobuf strings must be) are kept under a name with each
+/// invalid byte written %XX, with a note in the console; nothing is dropped silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_whose_name_is_not_utf8_is_kept_under_an_escaped_name() {
+    let c = Cluster::start(1, 1).await;
+    let project = project_with(
+        "U:\n  commands: ['mkdir -p $ARTIFACT_DIR/d', 'echo one > \"$ARTIFACT_DIR/$(printf ''bad\\377name'')\"', 'echo two > \"$ARTIFACT_DIR/d/$(printf ''x\\300y.txt'')\"', 'echo fine > $ARTIFACT_DIR/ok.txt']\n  atomizers: [{T: 'seq 1'}]\n",
+    );
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        build.result,
+        proto::BuildResult::NoFailures as i32,
+        "{build:#?}"
+    );
+    let zip = zip_files(&download(&mut b, id, proto::ArchiveFormat::Zip).await);
+    let names: Vec<&String> = zip.keys().collect();
+    assert_eq!(
+        zip.get("artifact_0_0/bad%FFname").map(Vec::as_slice),
+        Some(&b"one\n"[..]),
+        "{names:?}"
+    );
+    assert_eq!(
+        zip.get("artifact_0_0/d/x%C0y.txt").map(Vec::as_slice),
+        Some(&b"two\n"[..]),
+        "{names:?}"
+    );
+    assert_eq!(
+        zip.get("artifact_0_0/ok.txt").map(Vec::as_slice),
+        Some(&b"fine\n"[..])
+    );
+    let console = console_of(&mut b, id, 0, 0).await;
+    assert!(
+        console.contains("is in the results as \"bad%FFname\"")
+            && console.contains("is in the results as \"d/x%C0y.txt\""),
+        "{console}"
+    );
     c.stop();
 }
 
@@ -1220,4 +1435,13 @@ async fn the_benchmark_suite_runs_in_its_quick_form() {
     ] {
         assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
     }
+}
+
+/// The slave names its upload manifest, the master recognizes it: the two must agree.
+#[test]
+fn slave_and_master_agree_on_the_upload_manifest_name() {
+    assert_eq!(
+        ish_slave::UPLOAD_MANIFEST,
+        ish_master::results::UPLOAD_MANIFEST
+    );
 }

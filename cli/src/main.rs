@@ -236,6 +236,7 @@ async fn master(a: MasterArgs) -> anyhow::Result<i32> {
     cfg.listen = a.listen.unwrap_or(cfg.listen);
     cfg.data_dir = expand_tilde(&a.data_dir.unwrap_or(cfg.data_dir));
     cfg.secret = a.secret.or(cfg.secret);
+    settings::resolve_paths(&mut cfg)?;
     if a.print_config {
         return print_config(&cfg);
     }
@@ -254,6 +255,7 @@ async fn slave(a: SlaveArgs) -> anyhow::Result<i32> {
     cfg.data_dir = expand_tilde(&a.data_dir.unwrap_or(cfg.data_dir));
     cfg.name = a.name.or(cfg.name);
     cfg.secret = a.secret.or(cfg.secret);
+    settings::resolve_paths(&mut cfg)?;
     if a.print_config {
         return print_config(&cfg);
     }
@@ -275,6 +277,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<i32> {
     cfg.listen = a.listen.unwrap_or(cfg.listen);
     cfg.master = a.master.unwrap_or(cfg.master);
     cfg.secret = a.secret.or(cfg.secret);
+    settings::resolve_paths(&mut cfg)?;
     if a.print_config {
         return print_config(&cfg);
     }
@@ -292,6 +295,7 @@ async fn local(a: LocalArgs) -> anyhow::Result<i32> {
     cfg.executors = a.executors.unwrap_or(cfg.executors);
     cfg.data_dir = expand_tilde(&a.data_dir.unwrap_or(cfg.data_dir));
     cfg.secret = a.secret.or(cfg.secret);
+    settings::resolve_paths(&mut cfg)?;
     if a.print_config {
         return print_config(&cfg);
     }
@@ -328,6 +332,7 @@ async fn build(a: BuildArgs) -> anyhow::Result<i32> {
     cfg.gateway = a.gateway.or(cfg.gateway);
     cfg.secret = a.secret.or(cfg.secret);
     cfg.results_dir = a.results_dir.unwrap_or(cfg.results_dir);
+    settings::resolve_paths(&mut cfg)?;
     let (source, project_directory) = match a.project {
         None => (
             client::directory_source(&std::env::current_dir()?)?,

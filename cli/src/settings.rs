@@ -21,6 +21,64 @@ pub fn expand_tilde(p: &Path) -> PathBuf {
     }
 }
 
+/// `p` as an absolute path: `~` expanded, a relative path taken from the working directory the
+/// role was started in. Nothing is looked up on disk (the path may not exist yet).
+pub fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(expand_tilde(p)).with_context(|| format!("making {} absolute", p.display()))
+}
+
+/// Settings whose paths must be absolute before a role starts: a role's own directories are
+/// handed to commands that run elsewhere (a slave exports `$ARTIFACT_DIR` to atoms that run in
+/// the project directory, and git runs in the repo cache with `ssh_key`), so a path relative to
+/// where the role was started would name another place, or nothing.
+pub trait Paths {
+    /// Every path of the settings.
+    fn paths(&mut self) -> Vec<&mut PathBuf>;
+}
+
+/// Makes every path of `cfg` absolute (see [`absolute`]). Called once, after the settings file,
+/// the environment and the flags are merged, so a relative path means the same wherever it was
+/// given: relative to the working directory the role was started in.
+pub fn resolve_paths<T: Paths>(cfg: &mut T) -> anyhow::Result<()> {
+    for p in cfg.paths() {
+        *p = absolute(p)?;
+    }
+    Ok(())
+}
+
+impl Paths for ish_master::MasterConfig {
+    fn paths(&mut self) -> Vec<&mut PathBuf> {
+        vec![&mut self.data_dir]
+    }
+}
+
+impl Paths for ish_slave::SlaveConfig {
+    fn paths(&mut self) -> Vec<&mut PathBuf> {
+        let mut v = vec![&mut self.data_dir];
+        v.extend(self.git.ssh_key.as_mut());
+        v
+    }
+}
+
+impl Paths for ish_gateway::GatewayConfig {
+    fn paths(&mut self) -> Vec<&mut PathBuf> {
+        // The gateway keeps nothing on disk.
+        Vec::new()
+    }
+}
+
+impl Paths for crate::local::LocalConfig {
+    fn paths(&mut self) -> Vec<&mut PathBuf> {
+        vec![&mut self.data_dir]
+    }
+}
+
+impl Paths for crate::client::ClientConfig {
+    fn paths(&mut self) -> Vec<&mut PathBuf> {
+        vec![&mut self.results_dir]
+    }
+}
+
 /// Where a master keeps its generated secret.
 pub fn secret_file(data_dir: &Path) -> PathBuf {
     data_dir.join("secret")
@@ -134,6 +192,73 @@ mod tests {
         check::<ish_gateway::GatewayConfig>("gateway.toml");
         check::<crate::local::LocalConfig>("local.toml");
         check::<crate::client::ClientConfig>("client.toml");
+    }
+
+    /// Every path setting of every role ends up absolute, relative ones taken from the working
+    /// directory; and no path-typed setting is missed: each role's settings serialized after
+    /// resolution hold no relative path.
+    #[test]
+    fn relative_paths_of_every_role_become_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        let rel = PathBuf::from("some/rel");
+        let home = PathBuf::from(std::env::var_os("HOME").unwrap());
+
+        let mut m = ish_master::MasterConfig {
+            data_dir: rel.clone(),
+            ..Default::default()
+        };
+        resolve_paths(&mut m).unwrap();
+        assert_eq!(m.data_dir, cwd.join("some/rel"));
+
+        let mut s = ish_slave::SlaveConfig {
+            data_dir: PathBuf::from("./data"),
+            ..Default::default()
+        };
+        s.git.ssh_key = Some(PathBuf::from("~/keys/id"));
+        resolve_paths(&mut s).unwrap();
+        assert_eq!(s.data_dir, cwd.join("data"));
+        assert_eq!(s.git.ssh_key, Some(home.join("keys/id")));
+
+        let mut l = crate::local::LocalConfig {
+            data_dir: rel.clone(),
+            ..Default::default()
+        };
+        resolve_paths(&mut l).unwrap();
+        assert_eq!(l.data_dir, cwd.join("some/rel"));
+
+        let mut c = crate::client::ClientConfig::default();
+        resolve_paths(&mut c).unwrap();
+        assert_eq!(c.results_dir, cwd.join("build_results"));
+
+        let mut g = ish_gateway::GatewayConfig::default();
+        resolve_paths(&mut g).unwrap();
+
+        // An absolute path is kept as it is.
+        let mut m = ish_master::MasterConfig {
+            data_dir: PathBuf::from("/srv/ish"),
+            ..Default::default()
+        };
+        resolve_paths(&mut m).unwrap();
+        assert_eq!(m.data_dir, PathBuf::from("/srv/ish"));
+
+        // A settings field that holds a path and was left out of `Paths` would stay relative.
+        fn no_relative_path<T: serde::Serialize>(cfg: &T) {
+            let text = toml::to_string(cfg).unwrap();
+            for line in text.lines() {
+                if let Some((k, v)) = line.split_once(" = ") {
+                    let v = v.trim_matches('"');
+                    assert!(
+                        !(v.starts_with("some/") || v == "rel-key" || v.starts_with("./")),
+                        "{k} = {v} was not resolved"
+                    );
+                }
+            }
+        }
+        let mut s: ish_slave::SlaveConfig =
+            toml::from_str("data_dir = \"./d\"\n[git]\nssh_key = \"rel-key\"\n").unwrap();
+        resolve_paths(&mut s).unwrap();
+        no_relative_path(&s);
+        assert_eq!(s.git.ssh_key, Some(cwd.join("rel-key")));
     }
 
     #[test]

@@ -119,6 +119,11 @@ impl ResultsLayout {
 /// Name of the console file inside an atom directory.
 pub const CONSOLE_FILE: &str = "clusterrunner_console_output";
 
+/// Name of the first file of a slave's upload: a JSON list of `[name, size]` of the files that
+/// follow (the slave's `ish_slave::UPLOAD_MANIFEST`). A file whose size differs was cut short (a
+/// refused or interrupted upload) and must not look whole in the results.
+pub const UPLOAD_MANIFEST: &str = ".ish-upload-manifest";
+
 /// One change to the results tree.
 #[derive(Debug)]
 pub enum ResultsJob {
@@ -261,7 +266,9 @@ fn promote(
         }
         std::fs::write(&marker, b"")
     };
+    let mut left_out = Vec::new();
     if src.exists() {
+        left_out = drop_cut_files(&src)?;
         if dst.exists() {
             // Left by an attempt whose result was lost in a crash: the recorded attempt wins.
             std::fs::remove_dir_all(&dst)?;
@@ -279,7 +286,54 @@ fn promote(
         std::fs::rename(&live, dst.join(CONSOLE_FILE))?;
         mark()?;
     }
+    if !left_out.is_empty() {
+        use std::io::Write;
+        let mut console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dst.join(CONSOLE_FILE))?;
+        for (name, size) in &left_out {
+            writeln!(
+                console,
+                "[ish] artifact {name:?} ({size} bytes) is not in the results: its upload did not complete"
+            )?;
+        }
+    }
     Ok(())
+}
+
+/// Removes the manifest of an upload in `dir` and every file it lists that is not there whole;
+/// returns those (name, size) — the console excepted: the streamed one takes its place. Without
+/// a manifest (nothing was uploaded, or an older slave) nothing is removed.
+fn drop_cut_files(dir: &std::path::Path) -> std::io::Result<Vec<(String, u64)>> {
+    let path = dir.join(UPLOAD_MANIFEST);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    std::fs::remove_file(&path)?;
+    // A manifest cut short itself means nothing after it arrived.
+    let listed: Vec<(String, u64)> = serde_json::from_slice(&text).unwrap_or_default();
+    let mut left_out = Vec::new();
+    for (name, size) in listed {
+        let Some(rel) = ish_core::paths::safe_relative_path(&name) else {
+            continue;
+        };
+        let file = dir.join(rel);
+        let whole = std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && m.len() == size);
+        if whole {
+            continue;
+        }
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        if name != CONSOLE_FILE {
+            left_out.push((name, size));
+        }
+    }
+    Ok(left_out)
 }
 
 /// ClusterRunner's per-atom bookkeeping files: command, exit code and time (the console is
@@ -299,4 +353,62 @@ pub fn atom_files(command: &str, exit_code: i32, seconds: f64) -> Vec<(String, V
             format!("{seconds:.2}\n").into_bytes(),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upload cut short leaves its files as far as they came: the manifest tells a cut file
+    /// from a whole one, and promotion keeps only whole ones and says so in the console.
+    #[test]
+    fn promotion_leaves_out_files_an_upload_cut_short() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = ResultsLayout::new(root.path().to_path_buf());
+        let src = layout.attempt_atom_dir(1, 7, 0, 0);
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        let manifest = serde_json::json!([
+            ["a.txt", 3],
+            ["d/big.bin", 1000],
+            ["later.txt", 5],
+            [CONSOLE_FILE, 10]
+        ]);
+        std::fs::write(src.join(UPLOAD_MANIFEST), manifest.to_string()).unwrap();
+        std::fs::write(src.join("a.txt"), b"abc").unwrap();
+        std::fs::write(src.join("d/big.bin"), vec![0u8; 400]).unwrap();
+        let live = layout.live_console(1, 7, 0, 0);
+        std::fs::write(&live, b"streamed\n").unwrap();
+        promote(&layout, 1, 7, 0, 0).unwrap();
+        let dst = layout.atom_dir(1, 0, 0);
+        assert_eq!(std::fs::read(dst.join("a.txt")).unwrap(), b"abc");
+        assert!(!dst.join("d/big.bin").exists());
+        assert!(!dst.join(UPLOAD_MANIFEST).exists());
+        let console = std::fs::read_to_string(dst.join(CONSOLE_FILE)).unwrap();
+        assert_eq!(
+            console,
+            "streamed\n[ish] artifact \"d/big.bin\" (1000 bytes) is not in the results: its upload did not complete\n[ish] artifact \"later.txt\" (5 bytes) is not in the results: its upload did not complete\n"
+        );
+    }
+
+    /// A whole upload: the manifest goes, everything else stays as it came.
+    #[test]
+    fn promotion_of_a_whole_upload_only_drops_the_manifest() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = ResultsLayout::new(root.path().to_path_buf());
+        let src = layout.attempt_atom_dir(1, 7, 0, 0);
+        std::fs::create_dir_all(&src).unwrap();
+        let manifest = serde_json::json!([["a.txt", 3], [CONSOLE_FILE, 4]]);
+        std::fs::write(src.join(UPLOAD_MANIFEST), manifest.to_string()).unwrap();
+        std::fs::write(src.join("a.txt"), b"abc").unwrap();
+        std::fs::write(src.join(CONSOLE_FILE), b"out\n").unwrap();
+        promote(&layout, 1, 7, 0, 0).unwrap();
+        let dst = layout.atom_dir(1, 0, 0);
+        let mut names: Vec<String> = std::fs::read_dir(&dst)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.txt", CONSOLE_FILE]);
+        assert_eq!(std::fs::read(dst.join(CONSOLE_FILE)).unwrap(), b"out\n");
+    }
 }

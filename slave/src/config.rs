@@ -11,7 +11,8 @@ pub struct SlaveConfig {
     pub master: String,
     /// Number of executors (subjobs run at once). Default: the number of CPUs.
     pub executors: u32,
-    /// Directory for the repo cache and build workspaces. Default `~/.ish/slave`.
+    /// Directory for the repo cache and build workspaces. Default `~/.ish/slave`. A relative
+    /// path is taken from the directory the slave was started in.
     pub data_dir: PathBuf,
     /// Name in the cluster. Default `<hostname>-<pid>`.
     pub name: Option<String>,
@@ -107,6 +108,18 @@ impl Default for SlaveConfig {
 }
 
 impl SlaveConfig {
+    /// Makes `data_dir` and `git.ssh_key` absolute (relative ones are taken from the working
+    /// directory now). Paths under `data_dir` reach commands that run elsewhere — atoms get
+    /// `$ARTIFACT_DIR` and run in the project directory, git runs in the repo cache with
+    /// `ssh_key` — so a relative one would name another place there.
+    pub fn make_paths_absolute(&mut self) -> std::io::Result<()> {
+        self.data_dir = std::path::absolute(&self.data_dir)?;
+        if let Some(k) = &mut self.git.ssh_key {
+            *k = std::path::absolute(&*k)?;
+        }
+        Ok(())
+    }
+
     /// The configured name, or `<hostname>-<pid>`.
     pub fn effective_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {
@@ -129,5 +142,30 @@ impl From<&GitConfig> for crate::git::GitCredentials {
             https_token: g.https_token.clone(),
             transport: g.transport,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_made_absolute_from_the_working_directory() {
+        let cwd = std::env::current_dir().unwrap();
+        let mut cfg = SlaveConfig {
+            data_dir: PathBuf::from("rel/data"),
+            ..Default::default()
+        };
+        cfg.git.ssh_key = Some(PathBuf::from("keys/id"));
+        cfg.make_paths_absolute().unwrap();
+        assert_eq!(cfg.data_dir, cwd.join("rel/data"));
+        assert_eq!(cfg.git.ssh_key, Some(cwd.join("keys/id")));
+        let mut cfg = SlaveConfig {
+            data_dir: PathBuf::from("/srv/ish/slave"),
+            ..Default::default()
+        };
+        cfg.make_paths_absolute().unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/ish/slave"));
+        assert_eq!(cfg.git.ssh_key, None);
     }
 }

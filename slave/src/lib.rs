@@ -53,10 +53,12 @@ pub enum SlaveError {
 
 /// Runs the slave until `shutdown` completes, it is drained, or the master refuses it.
 pub async fn run(
-    cfg: SlaveConfig,
+    mut cfg: SlaveConfig,
     secret: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Exit, SlaveError> {
+    cfg.make_paths_absolute()
+        .map_err(|e| SlaveError::Config(format!("resolving the slave's paths: {e}")))?;
     if cfg.executors == 0 {
         return Err(SlaveError::Config("executors must be at least 1".into()));
     }
@@ -145,6 +147,11 @@ async fn leave_offline(worker: &std::sync::Arc<Worker>, tasks: &mut tokio::task:
 
 /// Name of an atom's console file in its results.
 pub const CONSOLE_FILE: &str = "clusterrunner_console_output";
+
+/// Name of the first file of every artifact upload: the names and sizes of the files that follow,
+/// so the master can leave out a file the upload cut short. The same name is in
+/// `ish_master::results::UPLOAD_MANIFEST`; an atom's own file of that name is left out.
+pub const UPLOAD_MANIFEST: &str = ".ish-upload-manifest";
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

@@ -790,6 +790,17 @@ impl Worker {
             }
         };
         let ((outcome, tries, timed_out), ()) = tokio::join!(runs, forward);
+        let listing = {
+            let dir = art_dir.clone();
+            tokio::task::spawn_blocking(move || artifact_files(&dir))
+                .await
+                .unwrap_or_default()
+        };
+        if !listing.notes.is_empty() {
+            let notes = listing.notes.concat();
+            append_console(&console_path, notes.as_bytes()).await;
+            self.send(chunk_of(notes.into_bytes())).await;
+        }
         // The streamed console is for watching; the console of record goes with the artifacts,
         // so a session lost while chunks were in flight loses nothing.
         let has_output = tokio::fs::metadata(&console_path)
@@ -803,11 +814,13 @@ impl Worker {
             atom_id: atom.atom_id,
             attempt: r.attempt,
         };
+        let manifest_path = console_path.with_extension("manifest");
         let uploaded = self
-            .upload_with_retry(header, &art_dir, console, cancel)
+            .upload_with_retry(header, listing.files, console, &manifest_path, cancel)
             .await;
         self.art_dirs.give(art_dir).await;
         let _ = tokio::fs::remove_file(&console_path).await;
+        let _ = tokio::fs::remove_file(&manifest_path).await;
         let (artifact_files, exit_code) = match uploaded? {
             Uploaded::Files(n) => (n, outcome.exit_code),
             // Its results are incomplete: a passing atom must not count as a pass.
@@ -837,24 +850,43 @@ impl Worker {
     /// fails. `None` when the master refused the attempt (it was dropped) or the attempt was
     /// canceled; an upload the master cannot store (over a limit, disk full) is reported in the
     /// console, not retried, and makes the atom a failure.
+    ///
+    /// A manifest of every file and its size goes first, so that the master can tell a file an
+    /// interrupted or refused upload cut short from a whole one and leave it out of the results.
     async fn upload_with_retry(
         &self,
         mut header: proto::UploadHeader,
-        dir: &Path,
+        mut files: Vec<ArtifactFile>,
         console: Option<&Path>,
+        manifest_path: &Path,
         cancel: &CancellationToken,
     ) -> Option<Uploaded> {
-        let mut files = {
-            let dir = dir.to_path_buf();
-            tokio::task::spawn_blocking(move || artifact_files(&dir))
-                .await
-                .unwrap_or_default()
-        };
         if let Some(c) = console {
-            files.push((crate::CONSOLE_FILE.to_string(), c.to_path_buf()));
+            let size = tokio::fs::metadata(c).await.map(|m| m.len()).unwrap_or(0);
+            files.push(ArtifactFile {
+                name: crate::CONSOLE_FILE.to_string(),
+                path: c.to_path_buf(),
+                size,
+            });
         }
         if files.is_empty() {
             return Some(Uploaded::Files(0));
+        }
+        let count = files.len() as u32;
+        let manifest: Vec<(&str, u64)> = files.iter().map(|f| (f.name.as_str(), f.size)).collect();
+        let manifest = serde_json::to_vec(&manifest).expect("names and sizes serialize");
+        let mut files: Vec<(String, PathBuf)> =
+            files.into_iter().map(|f| (f.name, f.path)).collect();
+        match tokio::fs::write(manifest_path, manifest).await {
+            Ok(()) => files.insert(
+                0,
+                (
+                    crate::UPLOAD_MANIFEST.to_string(),
+                    manifest_path.to_path_buf(),
+                ),
+            ),
+            // Without it the upload still works; only a cut file could not be told apart.
+            Err(e) => tracing::warn!(error = %e, "could not write an upload manifest"),
         }
         let mut live_rx = self.live.subscribe();
         loop {
@@ -869,7 +901,7 @@ impl Worker {
             };
             header.slave_id = live.slave_id;
             match upload(live.link.clone(), header, files.clone()).await {
-                Ok(n) => return Some(Uploaded::Files(n)),
+                Ok(_) => return Some(Uploaded::Files(count)),
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                     tracing::info!(
                         attempt = header.attempt,
@@ -1037,10 +1069,67 @@ fn tail_text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).trim_end().to_string()
 }
 
+/// One file an atom left in `$ARTIFACT_DIR`.
+#[derive(Debug, Clone, PartialEq)]
+struct ArtifactFile {
+    /// Name in the results (relative to `$ARTIFACT_DIR`, `/`-separated, UTF-8).
+    name: String,
+    /// Where it is.
+    path: PathBuf,
+    /// Its size when the atom ended.
+    size: u64,
+}
+
+/// An atom's artifacts and the console notes about them.
+#[derive(Debug, Default)]
+struct ArtifactListing {
+    files: Vec<ArtifactFile>,
+    notes: Vec<String>,
+}
+
+/// Appends `data` to an atom's console file (creating it: a note may be all an atom printed).
+async fn append_console(path: &Path, data: &[u8]) {
+    let res = async {
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
+        f.write_all(data).await?;
+        f.flush().await
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "could not add a note to an atom's console");
+    }
+}
+
+/// A relative path as a name for the results. Names travel as protobuf strings (UTF-8), so a
+/// name that is not UTF-8 keeps its valid parts and has each invalid byte written `%XX`: the
+/// file is kept and its name stays recognizable; `None` when it already was UTF-8.
+fn escaped_name(rel: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = rel.as_os_str().as_bytes();
+    if std::str::from_utf8(bytes).is_ok() {
+        return None;
+    }
+    let mut out = String::new();
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(out)
+}
+
 /// Regular files under `dir` (symlinks are not followed and not uploaded), as paths relative to
-/// `dir`, sorted.
-fn artifact_files(dir: &Path) -> Vec<(String, PathBuf)> {
-    let mut out = Vec::new();
+/// `dir`, sorted by name. A name that is not UTF-8 is escaped (see [`escaped_name`]) with a note;
+/// when its escaped form is another file's name, or it is the upload manifest's reserved name, it
+/// is left out with a note.
+fn artifact_files(dir: &Path) -> ArtifactListing {
+    let mut plain = Vec::new();
+    let mut escaped = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -1053,14 +1142,57 @@ fn artifact_files(dir: &Path) -> Vec<(String, PathBuf)> {
                 stack.push(p);
             } else if ft.is_file()
                 && let Ok(rel) = p.strip_prefix(dir)
-                && let Some(rel) = rel.to_str()
             {
-                out.push((rel.to_string(), p));
+                let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                match (rel.to_str(), escaped_name(rel)) {
+                    (Some(name), _) => plain.push(ArtifactFile {
+                        name: name.to_string(),
+                        path: p,
+                        size,
+                    }),
+                    (None, Some(name)) => escaped.push((
+                        ArtifactFile {
+                            name,
+                            path: p.clone(),
+                            size,
+                        },
+                        rel.to_string_lossy().into_owned(),
+                    )),
+                    (None, None) => {}
+                }
             }
         }
     }
-    out.sort();
-    out
+    let mut notes = Vec::new();
+    if let Some(i) = plain.iter().position(|f| f.name == crate::UPLOAD_MANIFEST) {
+        plain.remove(i);
+        notes.push(format!(
+            "[ish] artifact {} left out of the results: the name is reserved for Ish CD's upload manifest\n",
+            crate::UPLOAD_MANIFEST
+        ));
+    }
+    let mut taken: std::collections::HashSet<String> =
+        plain.iter().map(|f| f.name.clone()).collect();
+    escaped.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    for (f, lossy) in escaped {
+        if f.name == crate::UPLOAD_MANIFEST || !taken.insert(f.name.clone()) {
+            notes.push(format!(
+                "[ish] artifact {lossy:?} left out of the results: its name is not UTF-8 and its escaped form {:?} is another file's name\n",
+                f.name
+            ));
+        } else {
+            notes.push(format!(
+                "[ish] artifact {lossy:?}: its name is not UTF-8; it is in the results as {:?} (each invalid byte written %XX)\n",
+                f.name
+            ));
+            plain.push(f);
+        }
+    }
+    plain.sort_by(|a, b| a.name.cmp(&b.name));
+    ArtifactListing {
+        files: plain,
+        notes,
+    }
 }
 
 /// One upload of `files` (relative name, local path) for the attempt in `header`.
@@ -1123,4 +1255,54 @@ async fn upload(
     }
     res?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn names_that_are_not_utf8_are_kept_escaped_and_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("ok.txt"), b"1").unwrap();
+        std::fs::write(d.join(std::ffi::OsStr::from_bytes(b"a\xffb")), b"22").unwrap();
+        std::fs::write(
+            d.join("sub").join(std::ffi::OsStr::from_bytes(b"\xc0x")),
+            b"333",
+        )
+        .unwrap();
+        // Its escaped form is taken by a real file: left out, not merged with it.
+        std::fs::write(d.join("c%FE"), b"4").unwrap();
+        std::fs::write(d.join(std::ffi::OsStr::from_bytes(b"c\xfe")), b"5").unwrap();
+        std::fs::write(d.join(crate::UPLOAD_MANIFEST), b"mine").unwrap();
+        let l = artifact_files(d);
+        let got: Vec<(&str, u64)> = l.files.iter().map(|f| (f.name.as_str(), f.size)).collect();
+        assert_eq!(
+            got,
+            [("a%FFb", 2), ("c%FE", 1), ("ok.txt", 1), ("sub/%C0x", 3)]
+        );
+        assert_eq!(l.notes.len(), 4, "{:?}", l.notes);
+        let notes = l.notes.concat();
+        assert!(notes.contains("in the results as \"a%FFb\""), "{notes}");
+        assert!(notes.contains("in the results as \"sub/%C0x\""), "{notes}");
+        assert!(
+            notes.contains(
+                "left out of the results: its name is not UTF-8 and its escaped form \"c%FE\""
+            ),
+            "{notes}"
+        );
+        assert!(notes.contains(".ish-upload-manifest left out"), "{notes}");
+    }
+
+    #[test]
+    fn utf8_names_are_not_escaped() {
+        assert_eq!(escaped_name(Path::new("dir/naïve %41.txt")), None);
+        assert_eq!(
+            escaped_name(Path::new(std::ffi::OsStr::from_bytes(b"x/\xe2\x82y"))),
+            Some("x/%E2%82y".into())
+        );
+    }
 }

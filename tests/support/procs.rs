@@ -37,6 +37,27 @@ impl Proc {
         }
     }
 
+    /// Like [`Proc::spawn`], with `cwd` as the process's working directory.
+    pub fn spawn_in(name: &str, args: &[&str], secret: &str, logs: &Path, cwd: &Path) -> Self {
+        let log = logs.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(ISH)
+            .args(args)
+            .current_dir(cwd)
+            .env("ISH_SECRET", secret)
+            .env("ISH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
+    }
+
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
     }
