@@ -1524,3 +1524,326 @@ async fn the_ish_build_client_works_through_the_gateway() {
     assert_eq!(builds["builds"][0]["request_params"]["type"], "directory");
     gw.c.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Slowloris (issue 9, item 2): connections that never finish their headers
+// ---------------------------------------------------------------------------------------------
+
+/// Sockets this process holds as the server side of a TCP connection on `port` (the listener
+/// excluded): the gateway's connection descriptors. Connections still in the kernel's accept
+/// queue hold no descriptor of ours and are not counted.
+fn server_fds(port: u16) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // State 0A is LISTEN.
+            if local_port == Some(port) && f[3] != "0A" {
+                inodes.insert(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| inodes.contains(l.to_string_lossy().as_ref()))
+        .count()
+}
+
+/// How one flood connection misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Loris {
+    /// Connects and sends nothing.
+    Silent,
+    /// Sends half an HTTP/1.1 request head, never the blank line.
+    HalfHead,
+    /// Sends part of the HTTP/2 connection preface.
+    HalfPreface,
+}
+
+/// Opens `n` misbehaving connections to `addr` (each connect bounded by `limit`); returns them
+/// and when the flood started.
+async fn flood(
+    addr: std::net::SocketAddr,
+    n: usize,
+    limit: Duration,
+) -> (Vec<tokio::net::TcpStream>, Instant) {
+    use tokio::io::AsyncWriteExt;
+    let kinds = [Loris::Silent, Loris::HalfHead, Loris::HalfPreface];
+    let mut socks = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let mut s = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+        let bytes: &[u8] = match kinds[i % kinds.len()] {
+            Loris::Silent => b"",
+            Loris::HalfHead => b"GET /v1/version HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+            Loris::HalfPreface => b"PRI * HTTP/2.0\r\n",
+        };
+        // A socket not accepted yet (over the cap) takes its bytes into the kernel buffer.
+        s.write_all(bytes).await.unwrap();
+        socks.push(s);
+    }
+    (socks, started)
+}
+
+/// Waits until the peer closes each socket (EOF or reset); returns the times at which they
+/// were closed, measured from `since`, `None` for those still open at `deadline`.
+async fn closed_times(
+    socks: Vec<tokio::net::TcpStream>,
+    since: Instant,
+    deadline: Duration,
+) -> Vec<Option<Duration>> {
+    use tokio::io::AsyncReadExt;
+    let mut set = tokio::task::JoinSet::new();
+    for (i, mut s) in socks.into_iter().enumerate() {
+        set.spawn(async move {
+            let mut buf = [0u8; 1024];
+            let left = deadline.saturating_sub(since.elapsed());
+            let closed = tokio::time::timeout(left, async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await
+            .is_ok();
+            (i, closed.then(|| since.elapsed()))
+        });
+    }
+    let mut out = vec![None; set.len()];
+    while let Some(r) = set.join_next().await {
+        let (i, t) = r.unwrap();
+        out[i] = t;
+    }
+    out
+}
+
+/// `GET <path>` on a new connection; the status and how long it took.
+async fn timed_get(base: &str, path: &str) -> (StatusCode, Duration) {
+    // A fresh client: a pooled connection would dodge the flood instead of going through it.
+    let http = http_client();
+    let t = Instant::now();
+    let r = http
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let status = r.status();
+    r.bytes().await.unwrap();
+    (status, t.elapsed())
+}
+
+fn port_of(base: &str) -> u16 {
+    base.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+fn slow_gateway(max_connections: u32) -> ish_gateway::GatewayConfig {
+    ish_gateway::GatewayConfig {
+        header_read_timeout_ms: 1_000,
+        idle_timeout_ms: 3_000,
+        max_connections,
+        ..Default::default()
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slowloris_flood_neither_wedges_nor_exhausts_the_gateway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FLOOD: usize = 1_500;
+    const CAPPED_FLOOD: usize = 1_000;
+    const CAP: u32 = 64;
+    let header = Duration::from_millis(1_000);
+    let idle = Duration::from_millis(3_000);
+    let gw = start(1, 2).await;
+    let g1 = ExtraGateway::start(&gw, slow_gateway(4_096)).await;
+    let g1_addr: std::net::SocketAddr = g1.base.trim_start_matches("http://").parse().unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let job = json!({"commands": ["echo $N"], "atomizers": [{"N": "seq 4"}]});
+
+    // A kept-alive connection that made one request and then idles.
+    let mut keep = tokio::net::TcpStream::connect(g1_addr).await.unwrap();
+    keep.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = keep.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let keep_idle_since = Instant::now();
+    let keep_closed = tokio::spawn(async move {
+        let closed = tokio::time::timeout(idle + Duration::from_secs(10), async {
+            loop {
+                match keep.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        closed.is_ok().then(|| keep_idle_since.elapsed())
+    });
+
+    // (a) During the flood a normal request is answered at once, and a build goes through.
+    let (socks, flood_started) = flood(g1_addr, FLOOD, Duration::from_secs(10)).await;
+    let opened_in = flood_started.elapsed();
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let (st, took) = timed_get(&g1.base, "/v1/version").await;
+        assert_eq!(st, StatusCode::OK);
+        worst = worst.max(took);
+    }
+    let held_during = server_fds(port_of(&g1.base));
+    let body = dir_build(project.path(), job.clone()).to_string();
+    let d = ish_core::auth::digest(&gw.c.secret, body.as_bytes());
+    let r = call(
+        &http_client(),
+        Method::POST,
+        &format!("{}/v1/build", g1.base),
+        &[(DIGEST, &d)],
+        Some(body.into_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let during_id = r.json()["build_id"].as_u64().unwrap();
+    eprintln!(
+        "flood of {FLOOD} opened in {opened_in:?}; gateway holds {held_during} connection fds; \
+         slowest of 10 GET /v1/version during the flood: {worst:?}"
+    );
+    assert!(
+        held_during >= FLOOD,
+        "the flood did not reach the gateway: {held_during} fds"
+    );
+    assert!(worst < Duration::from_secs(2), "{worst:?}");
+
+    // (b) Every flood connection is closed once the header timeout has passed.
+    let closed = closed_times(socks, flood_started, header + Duration::from_secs(5)).await;
+    let open = closed.iter().filter(|t| t.is_none()).count();
+    let mut times: Vec<Duration> = closed.iter().flatten().copied().collect();
+    times.sort();
+    eprintln!(
+        "flood connections closed by the gateway: {} of {FLOOD} (first {:?}, median {:?}, last {:?})",
+        times.len(),
+        times.first(),
+        times.get(times.len() / 2),
+        times.last()
+    );
+    assert_eq!(open, 0, "{open} flood connections still open");
+    assert!(
+        times[0] >= header - Duration::from_millis(100),
+        "closed before the timeout: {:?}",
+        times[0]
+    );
+    // The idle connection outlives the header timeout and goes at the idle timeout.
+    let keep_closed = keep_closed.await.unwrap();
+    eprintln!("idle kept-alive connection closed after {keep_closed:?}");
+    assert!(
+        keep_closed.is_some_and(|t| t >= idle - Duration::from_millis(100)),
+        "the idle connection was closed before the idle timeout, or never: {keep_closed:?}"
+    );
+
+    // The cap: a flood larger than it never gets more descriptors than the cap (plus the one
+    // being accepted), and normal requests are still answered at once: the connections that
+    // waited longest without a request make room.
+    let g2 = ExtraGateway::start(&gw, slow_gateway(CAP)).await;
+    let g2_addr: std::net::SocketAddr = g2.base.trim_start_matches("http://").parse().unwrap();
+    let port2 = port_of(&g2.base);
+    let sampler = {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let join = tokio::spawn(async move {
+            let mut most = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(server_fds(port2));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        });
+        (stop, join)
+    };
+    let (socks, started) = flood(g2_addr, CAPPED_FLOOD, Duration::from_secs(10)).await;
+    let opened_in = started.elapsed();
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let (st, took) = timed_get(&g2.base, "/v1/version").await;
+        assert_eq!(st, StatusCode::OK);
+        worst = worst.max(took);
+    }
+    let body = dir_build(project.path(), job.clone()).to_string();
+    let d = ish_core::auth::digest(&gw.c.secret, body.as_bytes());
+    let r = call(
+        &http_client(),
+        Method::POST,
+        &format!("{}/v1/build", g2.base),
+        &[(DIGEST, &d)],
+        Some(body.into_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let capped_id = r.json()["build_id"].as_u64().unwrap();
+    let closed = closed_times(socks, started, header + Duration::from_secs(5)).await;
+    sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = sampler.1.await.unwrap();
+    eprintln!(
+        "cap {CAP}, flood of {CAPPED_FLOOD} opened in {opened_in:?}: at most {most} connection \
+         fds; slowest of 10 GET /v1/version during the flood: {worst:?}; {} of {CAPPED_FLOOD} \
+         flood connections closed",
+        closed.iter().flatten().count()
+    );
+    assert!(
+        most <= CAP as usize + 1,
+        "{most} connection fds over a cap of {CAP}"
+    );
+    assert!(
+        most >= CAP as usize / 2,
+        "the capped flood did not reach the gateway"
+    );
+    assert!(worst < Duration::from_secs(2), "{worst:?}");
+    assert!(
+        closed.iter().all(Option::is_some),
+        "flood connections left open"
+    );
+
+    // (c) Afterwards everything works, and nothing was lost.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let base = if i % 2 == 0 { &g1.base } else { &g2.base }.clone();
+        set.spawn(async move { timed_get(&base, "/v1/version").await.0 });
+    }
+    while let Some(st) = set.join_next().await {
+        assert_eq!(st.unwrap(), StatusCode::OK);
+    }
+    let after_id = gw.submit(&dir_build(project.path(), job)).await;
+    for id in [during_id, capped_id, after_id] {
+        let b = gw.wait_final(id).await;
+        assert_eq!(
+            (b["status"].as_str(), b["result"].as_str()),
+            (Some("FINISHED"), Some("NO_FAILURES")),
+            "{b:#}"
+        );
+    }
+    assert_eq!(gw.count_builds().await, 3);
+    // Once idle, the gateways hold no connection at all.
+    let deadline = Instant::now() + idle + Duration::from_secs(5);
+    while server_fds(port_of(&g1.base)) + server_fds(port_of(&g2.base)) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle connections are never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    g1.stop().await;
+    g2.stop().await;
+    gw.c.shutdown().await.unwrap();
+}

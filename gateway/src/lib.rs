@@ -25,6 +25,7 @@ pub mod cors;
 pub mod error;
 mod handlers;
 pub mod json;
+mod listener;
 pub mod metrics;
 pub mod params;
 pub mod request;
@@ -58,6 +59,16 @@ pub struct GatewayConfig {
     pub cors_allowed_origins_regex: Option<String>,
     /// Largest request body accepted; larger ones get 413. Default 10 MiB.
     pub max_body_bytes: usize,
+    /// A connection must deliver a complete request head within this many milliseconds of
+    /// connecting, and of the first byte of each later request. Default 10 s.
+    pub header_read_timeout_ms: u64,
+    /// A kept-alive connection with no request in progress is closed after this many
+    /// milliseconds. Default 60 s.
+    pub idle_timeout_ms: u64,
+    /// Most connections open at once. At the cap, a new connection replaces the one waiting
+    /// longest without a request in progress; when all are busy, new ones wait in the kernel's
+    /// accept queue. Keep it well under the open-file limit (`ulimit -n`). Default 512.
+    pub max_connections: u32,
 }
 
 impl Default for GatewayConfig {
@@ -70,6 +81,9 @@ impl Default for GatewayConfig {
             require_auth_for_reads: false,
             cors_allowed_origins_regex: None,
             max_body_bytes: 10 << 20,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 512,
         }
     }
 }
@@ -114,10 +128,29 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    let limits = listener_limits(&cfg)?;
     let state = AppState::new(&cfg, &secret)?;
     tracing::info!(addr = ?listener.local_addr().ok(), master = %cfg.master, "gateway listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    listener::serve(listener, router(state), limits, shutdown).await?;
     Ok(())
+}
+
+fn listener_limits(cfg: &GatewayConfig) -> Result<listener::Limits, GatewayError> {
+    // Zero would mean "close every connection at once" or "serve nobody": never what is meant.
+    for (key, value) in [
+        ("header_read_timeout_ms", cfg.header_read_timeout_ms),
+        ("idle_timeout_ms", cfg.idle_timeout_ms),
+        ("max_connections", u64::from(cfg.max_connections)),
+    ] {
+        if value == 0 {
+            return Err(GatewayError::Config(format!(
+                "{key} must be at least 1 (got 0)"
+            )));
+        }
+    }
+    Ok(listener::Limits {
+        header_read_timeout: std::time::Duration::from_millis(cfg.header_read_timeout_ms),
+        idle_timeout: std::time::Duration::from_millis(cfg.idle_timeout_ms),
+        max_connections: cfg.max_connections,
+    })
 }
