@@ -29,6 +29,9 @@ pub enum SecretError {
     /// Not valid in an HTTP header.
     #[error("the cluster secret may only contain printable ASCII characters without spaces")]
     NotPrintable,
+    /// An empty digest key: every client could sign with it.
+    #[error("rest_secret must not be empty")]
+    EmptyRestSecret,
 }
 
 /// Checks that `secret` can be used as the cluster secret.
@@ -43,6 +46,22 @@ pub fn validate_secret(secret: &str) -> Result<(), SecretError> {
         return Err(SecretError::KnownBad);
     }
     Ok(())
+}
+
+/// Checks a key of ClusterRunner's message digest (the gateway's `rest_secret`). It is the
+/// secret existing ClusterRunner clients were configured with, and ClusterRunner did not impose
+/// [`MIN_SECRET_LEN`] on it, so a shorter one is accepted: `Ok(true)` tells the caller to warn
+/// that it is weak. Spaces are fine in an HMAC key (it never travels in a header). Empty and
+/// known-public keys are refused.
+pub fn validate_rest_secret(secret: &str) -> Result<bool, SecretError> {
+    if secret.is_empty() {
+        return Err(SecretError::EmptyRestSecret);
+    }
+    match validate_secret(secret) {
+        Ok(()) | Err(SecretError::NotPrintable) => Ok(false),
+        Err(SecretError::TooShort) => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// A fresh random secret: 64 characters of `[a-z0-9]` from the OS CSPRNG.
@@ -172,6 +191,20 @@ mod tests {
         );
         assert!(validate_secret(&generate_secret()).is_ok());
         assert_ne!(generate_secret(), generate_secret());
+    }
+
+    #[test]
+    fn rest_secret_rules() {
+        // Short keys of existing ClusterRunner clients work, with a warning.
+        assert_eq!(validate_rest_secret("abc"), Ok(true));
+        assert_eq!(validate_rest_secret("1234567"), Ok(true));
+        assert_eq!(validate_rest_secret("12345678"), Ok(false));
+        assert_eq!(validate_rest_secret("has space in it"), Ok(false));
+        assert_eq!(validate_rest_secret(""), Err(SecretError::EmptyRestSecret));
+        assert_eq!(
+            validate_rest_secret(KNOWN_BAD_SECRET),
+            Err(SecretError::KnownBad)
+        );
     }
 
     #[test]

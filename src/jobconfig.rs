@@ -40,6 +40,9 @@ const DISPATCH: &str = "dispatch";
 /// Most retries a job may ask for: retries hide failures, a large number hides them for long.
 pub const MAX_RETRIES: u32 = 10;
 
+/// Largest `atom_timeout` / `build_timeout`, in seconds: the most the build record can hold.
+pub const MAX_TIMEOUT_SECONDS: u32 = u32::MAX;
+
 /// Python renders a missing job name (inline config without `job_name`) as `None`.
 const PY_NONE: &str = "None";
 
@@ -125,7 +128,20 @@ pub enum JobConfigError {
         /// The value given.
         value: i128,
     },
-    /// `max_executors`/`max_executors_per_slave`/a timeout is zero or negative.
+    /// `atom_timeout`/`build_timeout` outside 1..=MAX_TIMEOUT_SECONDS.
+    #[error(
+        "Definition for job \"{job}\" contains an invalid value for config section \"{section}\". \
+         Expected a number of seconds from 1 to {MAX_TIMEOUT_SECONDS} but found {value}."
+    )]
+    BadTimeout {
+        /// Job name.
+        job: String,
+        /// Section name.
+        section: String,
+        /// The value given.
+        value: i128,
+    },
+    /// `max_executors`/`max_executors_per_slave` is zero or negative.
     #[error(
         "Definition for job \"{job}\" contains an invalid value for config section \"{section}\". \
          Expected a positive integer but found {value}."
@@ -414,6 +430,25 @@ fn validate_job(job: &str, sections: &Node) -> Result<JobConfig, JobConfigError>
                 }
                 config.retries = *n as u32;
             }
+            (Expected::Int, Node::Int(n))
+                if section == ATOM_TIMEOUT || section == BUILD_TIMEOUT =>
+            {
+                // Refused rather than clamped: a limit other than the one written would end
+                // (or fail to end) atoms and builds at a time nobody asked for.
+                let seconds = u32::try_from(*n)
+                    .ok()
+                    .filter(|s| (1..=MAX_TIMEOUT_SECONDS).contains(s))
+                    .ok_or_else(|| JobConfigError::BadTimeout {
+                        job: job.to_owned(),
+                        section: section.to_owned(),
+                        value: *n,
+                    })?;
+                if section == ATOM_TIMEOUT {
+                    config.atom_timeout_seconds = seconds;
+                } else {
+                    config.build_timeout_seconds = seconds;
+                }
+            }
             (Expected::Int, Node::Int(n)) => {
                 if *n <= 0 {
                     return Err(JobConfigError::NonPositiveMaxExecutors {
@@ -424,11 +459,10 @@ fn validate_job(job: &str, sections: &Node) -> Result<JobConfig, JobConfigError>
                 }
                 // Beyond u32 is as good as the original's sys.maxsize default: unlimited.
                 let n = u32::try_from(*n).unwrap_or(u32::MAX);
-                match section {
-                    MAX_EXECUTORS => config.max_executors = n,
-                    MAX_EXECUTORS_PER_SLAVE => config.max_executors_per_slave = n,
-                    ATOM_TIMEOUT => config.atom_timeout_seconds = n,
-                    _ => config.build_timeout_seconds = n,
+                if section == MAX_EXECUTORS {
+                    config.max_executors = n;
+                } else {
+                    config.max_executors_per_slave = n;
                 }
             }
             (Expected::Int, other) => return Err(invalid_value(other.py_type())),
@@ -1918,6 +1952,15 @@ mod extension_tests {
             (2, 30, 600)
         );
         let c = parse_project_yaml(
+            "J:\n  commands: [x]\n  atomizers: [{A: a}]\n  atom_timeout: 4294967295\n  build_timeout: 1\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.atom_timeout_seconds, c.build_timeout_seconds),
+            (MAX_TIMEOUT_SECONDS, 1)
+        );
+        let c = parse_project_yaml(
             "J:\n  commands: [x]\n  atomizers: [{A: a}]\n  retries: 0\n",
             None,
         )
@@ -1941,12 +1984,23 @@ mod extension_tests {
             (
                 "atom_timeout",
                 "0",
-                "Expected a positive integer but found 0.",
+                "Expected a number of seconds from 1 to 4294967295 but found 0.",
             ),
             (
                 "build_timeout",
                 "-5",
-                "Expected a positive integer but found -5.",
+                "Expected a number of seconds from 1 to 4294967295 but found -5.",
+            ),
+            // One past the range used to be clamped to it silently.
+            (
+                "atom_timeout",
+                "4294967296",
+                "Expected a number of seconds from 1 to 4294967295 but found 4294967296.",
+            ),
+            (
+                "build_timeout",
+                "99999999999999999999",
+                "Expected a number of seconds from 1 to 4294967295 but found 99999999999999999999.",
             ),
             (
                 "atom_timeout",

@@ -930,6 +930,204 @@ async fn rest_oversized_bodies_and_bad_digests_are_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// REST: the small mismatches of issue 9, item 11
+// ---------------------------------------------------------------------------------------------
+
+impl Env {
+    /// Sends `request` as is on a new connection; the answer's status line and body.
+    async fn raw(&self, request: &[u8]) -> (String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.c.gateway_addr.unwrap())
+            .await
+            .unwrap();
+        s.write_all(request).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                });
+                if len.is_some_and(|n| body.len() >= n) {
+                    let status = head.lines().next().unwrap_or_default().to_string();
+                    return (status, body.to_string());
+                }
+            }
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return (text, String::new()),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rest_malformed_chunks_hosts_timeouts_and_hostile_fields_are_refused() {
+    let env = start(1, 2, true).await;
+    let mut f = Failures::default();
+    let project = tempfile::tempdir().unwrap();
+    let pdir = project.path().display().to_string();
+    let before = env.count_builds().await;
+
+    // A malformed chunked body is a bad request, not a body over the limit.
+    for (what, chunks) in [
+        ("a chunk size that is not hex", "ZZ\r\nabc\r\n0\r\n\r\n"),
+        ("a negative chunk size", "-1\r\nabc\r\n0\r\n\r\n"),
+        (
+            "a chunk longer than its size",
+            "3\r\n{\"type\": \"git\"}\r\n0\r\n\r\n",
+        ),
+        (
+            "a chunk size past 64 bits",
+            "FFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n",
+        ),
+    ] {
+        let req = format!(
+            "POST /v1/build HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n{DIGEST}: 00\r\n\r\n{chunks}"
+        );
+        let (status, body) = env.raw(req.as_bytes()).await;
+        let error = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string));
+        f.check(
+            status.starts_with("HTTP/1.1 400")
+                && error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("The request body could not be read")),
+            || format!("{what}: expected 400 with a JSON error, got {status:?} {body:?}"),
+        );
+    }
+
+    // atom_timeout / build_timeout beyond their range are refused, naming the field and range.
+    for (section, value) in [
+        ("atom_timeout", json!(4_294_967_296_u64)),
+        ("build_timeout", json!(4_294_967_296_u64)),
+        ("atom_timeout", json!(0)),
+        ("build_timeout", json!(-1)),
+    ] {
+        let mut config = simple_config();
+        config[section] = value.clone();
+        let r = env.post_build(&dir_build(project.path(), config)).await;
+        f.refused(
+            &format!("{section}: {value}"),
+            &r,
+            &format!(
+                "config section \"{section}\". Expected a number of seconds from 1 to 4294967295 but found {value}."
+            ),
+        );
+    }
+
+    // A NUL in a path, URL, branch or job name; a git url git would read as an option.
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "a NUL in project_directory",
+            json!({"type": "directory", "project_directory": format!("{pdir}\u{0}x"),
+                   "config": simple_config()}),
+            "NUL",
+        ),
+        (
+            "a NUL in a git project_directory",
+            json!({"type": "git", "url": "/tmp/r", "project_directory": "sub\u{0}dir"}),
+            "NUL",
+        ),
+        (
+            "a NUL in a git url",
+            json!({"type": "git", "url": "/tmp/r\u{0}x"}),
+            "NUL",
+        ),
+        (
+            "a NUL in a branch",
+            json!({"type": "git", "url": "/tmp/r", "branch": "mas\u{0}ter"}),
+            "NUL",
+        ),
+        (
+            "a NUL in job_name",
+            json!({"type": "directory", "project_directory": pdir, "job_name": "J\u{0}",
+                   "config": simple_config()}),
+            "NUL",
+        ),
+        (
+            "a git url starting with -",
+            json!({"type": "git", "url": "-oProxyCommand=touch /tmp/pwned"}),
+            "cannot start with '-'",
+        ),
+        (
+            "a git url of --upload-pack",
+            json!({"type": "git", "url": "--upload-pack=touch /tmp/pwned", "branch": "master"}),
+            "cannot start with '-'",
+        ),
+    ];
+    for (what, body, needle) in &cases {
+        let r = env.post_build(body).await;
+        f.refused(what, &r, needle);
+    }
+    let after = env.count_builds().await;
+    f.check(after == before, || {
+        format!("refused requests stored builds: {before} before, {after} after")
+    });
+
+    // The Host header goes into a finished build's `artifacts` URL only when it is a plain
+    // host[:port]; anything else gives the gateway's own address.
+    let r = env
+        .post_build(&dir_build(project.path(), simple_config()))
+        .await;
+    let id = serde_json::from_slice::<Value>(&r.body).unwrap()["build_id"]
+        .as_u64()
+        .unwrap();
+    let b = wait_final(&mut env.builds().await, id).await;
+    f.check(state(&b) == proto::BuildState::Finished, || {
+        format!("the build did not finish: {b:#?}")
+    });
+    let gw = env.c.gateway_addr.unwrap();
+    let own = format!("http://{gw}/v1/build/{id}/artifacts.zip");
+    for (host, want) in [
+        (
+            "gw.example.com:8080".to_string(),
+            format!("http://gw.example.com:8080/v1/build/{id}/artifacts.zip"),
+        ),
+        (
+            "[::1]:43000".to_string(),
+            format!("http://[::1]:43000/v1/build/{id}/artifacts.zip"),
+        ),
+        ("evil\"><script>alert(1)</script>".to_string(), own.clone()),
+        ("evil.example/steal?x=".to_string(), own.clone()),
+        ("user@evil.example".to_string(), own.clone()),
+        ("a b".to_string(), own.clone()),
+        ("evil.example#".to_string(), own.clone()),
+        ("gw:99999".to_string(), own.clone()),
+    ] {
+        let r = env
+            .call(
+                Method::GET,
+                &format!("/v1/build/{id}"),
+                &[("Host", &host)],
+                None,
+            )
+            .await;
+        let got = serde_json::from_slice::<Value>(&r.body)
+            .ok()
+            .and_then(|v| v["build"]["artifacts"].as_str().map(str::to_string));
+        f.check(
+            r.status == StatusCode::OK && got.as_deref() == Some(want.as_str()),
+            || {
+                format!(
+                    "Host {host:?}: expected artifacts {want:?}, got {} {got:?}",
+                    r.status
+                )
+            },
+        );
+    }
+
+    a_normal_build_runs(&env, &mut f).await;
+    env.c.shutdown().await.unwrap();
+    f.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 // REST: routes, methods, query parameters, cancel bodies, artifacts
 // ---------------------------------------------------------------------------------------------
 
@@ -1373,6 +1571,48 @@ async fn grpc_bad_requests_get_the_right_status_codes() {
             "a branch starting with -",
             git_request("/tmp/r", "--upload-pack=evil", ""),
             None,
+        ),
+        // Issue 9.11: git would read these as options, or C calls would cut them at the NUL.
+        (
+            "a git url starting with -",
+            git_request("-oProxyCommand=touch /tmp/pwned", "master", ""),
+            Some("cannot start with '-'"),
+        ),
+        (
+            "a git url of --upload-pack",
+            git_request("--upload-pack=touch /tmp/pwned", "master", ""),
+            Some("cannot start with '-'"),
+        ),
+        (
+            "a NUL in a directory path",
+            dir_request(Path::new("/tmp/a\0b")),
+            Some("NUL"),
+        ),
+        (
+            "a NUL in a git project_directory",
+            proto::BuildRequest {
+                project_directory: "sub\0dir".into(),
+                ..git_request("/tmp/r", "master", "")
+            },
+            Some("NUL"),
+        ),
+        (
+            "a NUL in a git url",
+            git_request("/tmp/r\0x", "master", ""),
+            Some("NUL"),
+        ),
+        (
+            "a NUL in a branch",
+            git_request("/tmp/r", "mas\0ter", ""),
+            Some("NUL"),
+        ),
+        (
+            "a NUL in a job name",
+            proto::BuildRequest {
+                job_name: "J\0".into(),
+                ..dir_request(p)
+            },
+            Some("NUL"),
         ),
     ];
     for (what, req, needle) in cases {

@@ -192,6 +192,45 @@ pub async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     resp
 }
 
+/// Whether `h` is `host[:port]` with a DNS name, an IPv4 address or a bracketed IPv6 address
+/// as the host: nothing that could end the authority early (`/ ? # @`), quote or escape.
+fn is_plain_authority(h: &str) -> bool {
+    let (host, port) = match h.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            // The address was checked: the name check below sees a placeholder.
+            Some((v6, after)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => {
+                match after.strip_prefix(':') {
+                    Some(p) => ("ipv6", Some(p)),
+                    None if after.is_empty() => ("ipv6", None),
+                    None => return false,
+                }
+            }
+            _ => return false,
+        },
+        None => match h.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (h, None),
+        },
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok()
+    });
+    // One trailing dot (a fully qualified name) is allowed.
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let host_ok = name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    port_ok && host_ok
+}
+
 /// Largest refused body still read to its end so the client gets its 413 (see `read_body`).
 const DRAIN_LIMIT: u64 = 64 << 20;
 
@@ -217,10 +256,30 @@ async fn read_body(ctx: &Ctx<'_>, body: Body) -> Result<Bytes, ApiError> {
         }
         return Err(ApiError::TooLarge(max));
     }
-    // Past the limit, or a body the client broke off: either way nothing to act on.
     axum::body::to_bytes(body, max)
         .await
-        .map_err(|_| ApiError::TooLarge(max))
+        .map_err(|e| body_error(&e, max))
+}
+
+/// A body that could not be read: 413 only when it went past the limit; anything else (a
+/// malformed chunked encoding, a body cut short) is the client's malformed request.
+fn body_error(e: &axum::Error, max: usize) -> ApiError {
+    let mut causes = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return ApiError::TooLarge(max);
+        }
+        let text = s.to_string();
+        if causes.last() != Some(&text) {
+            causes.push(text);
+        }
+        source = s.source();
+    }
+    ApiError::BadRequest(format!(
+        "The request body could not be read: {}.",
+        causes.join(": ")
+    ))
 }
 
 async fn respond(
@@ -347,12 +406,15 @@ impl Ctx<'_> {
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+        // The client's Host goes into URLs it and others follow: reflected only when it is a
+        // plain `host[:port]`, else the gateway's own address stands in.
         let host = self
             .headers
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
             .or_else(|| self.uri.authority().map(|a| a.to_string()))
+            .filter(|h| is_plain_authority(h))
             .unwrap_or_else(|| self.state.listen().to_string());
         format!("{}://{host}", if https { "https" } else { "http" })
     }
@@ -883,6 +945,100 @@ mod tests {
                 .unwrap()
                 .contains("['colour']")
         );
+    }
+
+    #[test]
+    fn only_plain_authorities_are_reflected() {
+        for ok in [
+            "gw.example.com",
+            "gw.example.com:8080",
+            "gw.example.com.",
+            "localhost",
+            "127.0.0.1:43000",
+            "[::1]:43000",
+            "[2001:db8::1]",
+        ] {
+            assert!(is_plain_authority(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "evil\"><script>alert(1)</script>",
+            "a/b",
+            "a?b",
+            "a#b",
+            "user@evil.com",
+            "a b",
+            "a%2Fb",
+            "a:",
+            "a:99999",
+            "a:1x",
+            "a:80:80",
+            "[::1",
+            "[nope]:1",
+            "[::1]x",
+            "[::1]:",
+        ] {
+            assert!(!is_plain_authority(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_cannot_be_read_is_400_and_only_an_oversized_one_413() {
+        let r = app(GatewayConfig {
+            max_body_bytes: 16,
+            ..GatewayConfig::default()
+        });
+        let post = |body: Body| {
+            axum::http::Request::builder()
+                .method("POST")
+                .uri("/v1/build")
+                .body(body)
+                .unwrap()
+        };
+        // What hyper hands the handler for a malformed chunked body: a stream that fails.
+        let broken = Body::from_stream(tokio_stream::iter(vec![
+            Ok(Bytes::from_static(b"{\"type\"")),
+            Err(std::io::Error::other("invalid chunk size line")),
+        ]));
+        let resp = r.clone().oneshot(post(broken)).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v = parse(std::str::from_utf8(&body).unwrap());
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        let e = v["error"].as_str().unwrap();
+        assert!(
+            e.starts_with("The request body could not be read")
+                && e.contains("invalid chunk size line"),
+            "{e}"
+        );
+        // Past the limit with no declared length (chunked): still 413.
+        let long = Body::from_stream(tokio_stream::iter(vec![
+            Ok::<_, std::io::Error>(Bytes::from(vec![b' '; 10])),
+            Ok(Bytes::from(vec![b' '; 10])),
+        ]));
+        let resp = r.clone().oneshot(post(long)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn a_short_rest_secret_signs_writes() {
+        let r = app(GatewayConfig {
+            rest_secret: Some("abc".into()),
+            ..GatewayConfig::default()
+        });
+        let bad = r#"{"type": "directory", "project_directory": "/tmp", "colour": "red"}"#;
+        let d = ish_core::auth::digest("abc", bad.as_bytes());
+        // Past the digest to validation (which refuses the unknown field): the key works.
+        let (st, _, resp) = call(&r, "POST", "/v1/build", &[(auth::DIGEST_HEADER, &d)], bad).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{resp}");
+        assert!(resp.contains("['colour']"), "{resp}");
+        let d = ish_core::auth::digest(SECRET, bad.as_bytes());
+        let (st, _, _) = call(&r, "POST", "/v1/build", &[(auth::DIGEST_HEADER, &d)], bad).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
     }
 
     #[tokio::test]

@@ -129,6 +129,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let limits = listener_limits(&cfg)?;
+    // The address absolute URLs fall back to: the bound one, with the port `:0` stood for.
+    let cfg = match listener.local_addr() {
+        Ok(addr) => GatewayConfig {
+            listen: addr.to_string(),
+            ..cfg
+        },
+        Err(_) => cfg,
+    };
     let state = AppState::new(&cfg, &secret)?;
     tracing::info!(addr = ?listener.local_addr().ok(), master = %cfg.master, "gateway listening");
     listener::serve(listener, router(state), limits, shutdown).await?;

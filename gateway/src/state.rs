@@ -39,7 +39,9 @@ struct Inner {
 
 impl AppState {
     /// State for a gateway with settings `cfg` and cluster secret `secret` (the key of the REST
-    /// digest too unless `cfg.rest_secret` is set). The master connection is lazy: the gateway
+    /// digest too unless `cfg.rest_secret` is set). A `rest_secret` shorter than
+    /// [`ish_core::auth::MIN_SECRET_LEN`] is accepted with a warning in the log, an empty one is
+    /// refused. The master connection is lazy: the gateway
     /// starts even when the master is not up yet, and reconnects by itself. Must be called
     /// inside a tokio runtime.
     pub fn new(cfg: &GatewayConfig, secret: &str) -> Result<Self, GatewayError> {
@@ -47,10 +49,17 @@ impl AppState {
             .rest_secret
             .clone()
             .unwrap_or_else(|| secret.to_string());
-        match ish_core::auth::validate_secret(&rest_secret) {
-            // ClusterRunner secrets only had to be 8+ characters; spaces are fine in an HMAC key.
-            Ok(()) | Err(ish_core::auth::SecretError::NotPrintable) => {}
-            Err(e) => return Err(GatewayError::Config(format!("rest_secret: {e}"))),
+        let weak = ish_core::auth::validate_rest_secret(&rest_secret)
+            .map_err(|e| GatewayError::Config(format!("rest_secret: {e}")))?;
+        if weak {
+            tracing::warn!(
+                length = rest_secret.len(),
+                min = ish_core::auth::MIN_SECRET_LEN,
+                "rest_secret is shorter than {} characters: accepted so that existing \
+                 ClusterRunner clients keep working, but a short digest key is easy to guess; \
+                 give the clients a long random one",
+                ish_core::auth::MIN_SECRET_LEN
+            );
         }
         let cors = Cors::new(cfg.cors_allowed_origins_regex.as_deref()).map_err(|e| {
             GatewayError::Config(format!("invalid cors_allowed_origins_regex: {e}"))
@@ -123,5 +132,65 @@ impl AppState {
     /// The configured listen address (the host of absolute URLs when a request has no `Host`).
     pub fn listen(&self) -> &str {
         &self.0.listen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Log output captured for the test's thread.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn take(&self) -> String {
+            String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+        }
+    }
+
+    fn with_rest_secret(rest_secret: &str) -> Result<AppState, GatewayError> {
+        let cfg = GatewayConfig {
+            master: "http://127.0.0.1:1".into(),
+            rest_secret: Some(rest_secret.into()),
+            ..GatewayConfig::default()
+        };
+        AppState::new(&cfg, "the-cluster-secret")
+    }
+
+    #[tokio::test]
+    async fn a_short_rest_secret_is_accepted_with_a_warning_an_empty_one_refused() {
+        let logs = Logs::default();
+        let w = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let state = with_rest_secret("abc").expect("a short rest_secret is refused");
+        assert_eq!(state.rest_secret(), "abc");
+        let out = logs.take();
+        assert!(
+            out.contains("WARN") && out.contains("rest_secret is shorter than 8 characters"),
+            "{out:?}"
+        );
+
+        with_rest_secret("a-long-enough-secret").unwrap();
+        assert_eq!(logs.take(), "", "a long rest_secret warned");
+
+        let e = with_rest_secret("").unwrap_err().to_string();
+        assert!(e.contains("rest_secret must not be empty"), "{e}");
     }
 }
