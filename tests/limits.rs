@@ -144,3 +144,167 @@ async fn console_pages_are_read_in_bounded_memory() {
     );
     c.stop();
 }
+
+/// Open file descriptors of a process.
+fn open_fds(pid: nix::unistd::Pid) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A master whose file limit is `nofile` (set by the shell it is exec'd from), with `slaves`
+/// slaves of `executors` each.
+async fn cluster_with_file_limit(nofile: u32, slaves: usize, executors: u32) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = ish_core::auth::generate_secret();
+    let master_dir = dir.path().join("master");
+    let log = dir.path().join("master.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+            ISH,
+            "master",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            master_dir.to_str().unwrap(),
+        ])
+        .env("ISH_SECRET", &secret)
+        .env("ISH_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let master = Proc {
+        name: "master".into(),
+        child: Some(child),
+        log,
+    };
+    let addr_file = master_dir.join("master.addr");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !addr_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "master did not start:\n{}",
+            master.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!(
+        "http://{}",
+        std::fs::read_to_string(&addr_file).unwrap().trim()
+    );
+    let mut c = Cluster {
+        dir,
+        secret,
+        url,
+        master,
+        slaves: Vec::new(),
+        restarts: 0,
+    };
+    for i in 0..slaves {
+        c.start_slave(i, executors);
+    }
+    c.wait_slaves(slaves).await;
+    c
+}
+
+/// Three times more connections than the master has file descriptors, none of which ever
+/// sends a byte, while a build runs: the master holds a bounded number of them, the build
+/// finishes whole, a connected client is answered throughout, a new client gets in during the
+/// flood, the descriptors come back after it, and SIGTERM still stops the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_neither_exhausts_nor_wedges_the_master() {
+    const NOFILE: u32 = 1024;
+    const FLOOD: usize = 3 * NOFILE as usize;
+    let c = cluster_with_file_limit(NOFILE, 1, 2).await;
+    let pid = c.master.pid();
+    let addr = c.url.trim_start_matches("http://").to_string();
+    let project = project_with(
+        "F:\n  commands: ['sleep 0.25', 'echo $T > $ARTIFACT_DIR/t', 'echo done $T']\n  atomizers: [{T: 'seq 1 24'}]\n",
+    );
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let fds_before = open_fds(pid);
+
+    let mut flood = Vec::with_capacity(FLOOD);
+    let mut refused = 0;
+    let mut worst_call = Duration::ZERO;
+    let mut peak_fds = 0;
+    let started = std::time::Instant::now();
+    for i in 0..FLOOD {
+        let connect = tokio::net::TcpStream::connect(&addr);
+        match tokio::time::timeout(Duration::from_millis(500), connect).await {
+            Ok(Ok(s)) => flood.push(s),
+            _ => refused += 1,
+        }
+        // A master that stopped accepting makes every connect wait: bound the flood's time.
+        if started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        if i % 256 == 0 {
+            // The connected client keeps being answered.
+            let t = std::time::Instant::now();
+            let got = tokio::time::timeout(Duration::from_secs(10), get(&mut b, id)).await;
+            assert!(
+                got.is_ok(),
+                "the master stopped answering after {i} connections"
+            );
+            worst_call = worst_call.max(t.elapsed());
+            peak_fds = peak_fds.max(open_fds(pid));
+        }
+    }
+    // A new client gets in while the flood's connections are still open.
+    let t = std::time::Instant::now();
+    let (mut fresh, _) = tokio::time::timeout(Duration::from_secs(20), c.clients())
+        .await
+        .expect("a new client connects during the flood");
+    get(&mut fresh, id).await;
+    let new_client = t.elapsed();
+    peak_fds = peak_fds.max(open_fds(pid));
+    println!(
+        "flood of {FLOOD} silent connections in {:.1?} ({refused} not accepted): master fds \
+         {fds_before} before, peak {peak_fds} (limit {NOFILE}); worst call of a connected client \
+         {worst_call:.1?}; new client in {new_client:.1?}",
+        started.elapsed()
+    );
+    assert!(
+        peak_fds < NOFILE as usize - 100,
+        "the master held {peak_fds} descriptors of {NOFILE}"
+    );
+
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        state(&build),
+        proto::BuildState::Finished,
+        "{build:#?}\n{}",
+        c.logs()
+    );
+    assert_eq!(build.result, proto::BuildResult::NoFailures as i32);
+    check_archives(&mut b, id, |t| AtomExpect {
+        console: format!("done {t}\n"),
+        exit_code: 0,
+        files: vec![("t".into(), format!("{t}\n").into_bytes())],
+    })
+    .await;
+
+    drop(flood);
+    // Descriptors come back once the flood is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while open_fds(pid) > fds_before + 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the master still holds {} descriptors",
+            open_fds(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = submit(&mut b, dir_request(project.path())).await;
+    let again = wait_final(&mut b, again).await;
+    assert_eq!(again.result, proto::BuildResult::NoFailures as i32);
+    drop((b, fresh));
+    c.stop();
+}

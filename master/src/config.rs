@@ -34,6 +34,15 @@ pub struct MasterConfig {
     /// upload in all; beyond it uploads are refused and the atom is recorded as failed.
     /// Default 10 GiB.
     pub max_artifact_bytes_per_build: u64,
+    /// Connections the gRPC port holds open at once (slaves, gateways, clients, and connections
+    /// still in their handshake); 0 = half the process's file limit, which the master raises to
+    /// its hard limit at start (the other half is for the database, consoles and archives). At
+    /// the cap the oldest connection still in its handshake is closed for a new one, so a flood
+    /// of silent connections cannot keep a real client out. Default 0.
+    pub max_connections: usize,
+    /// A new connection that has not begun HTTP/2 (sent its preface) within this time is closed,
+    /// in milliseconds. Default 10000.
+    pub handshake_timeout_ms: u64,
     /// HTTP/2 streams one connection may have open at once (every client, slave and gateway
     /// call is a stream). Default 256.
     pub max_concurrent_streams: u32,
@@ -63,6 +72,8 @@ impl Default for MasterConfig {
             max_subjob_attempts: 5,
             max_atoms_per_build: 100_000,
             max_artifact_bytes_per_build: 10 << 30,
+            max_connections: 0,
+            handshake_timeout_ms: 10_000,
             max_concurrent_streams: 256,
             default_atom_timeout_s: 0,
             default_build_timeout_s: 0,

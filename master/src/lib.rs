@@ -17,6 +17,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod grpc;
+pub mod listener;
 pub mod metrics;
 pub mod results;
 pub mod store;
@@ -81,7 +82,11 @@ pub async fn serve(
             .and_then(|()| std::fs::rename(&tmp, &file))
             .map_err(|e| MasterError::io(format!("writing {}", file.display()), e))?;
     }
-    tracing::info!(?addr, data_dir = %cfg.data_dir.display(), "master listening");
+    let limits = listener::Limits {
+        max_connections: listener::connection_cap(cfg.max_connections),
+        handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
+    };
+    tracing::info!(?addr, data_dir = %cfg.data_dir.display(), max_connections = limits.max_connections, "master listening");
     let stop = handle.clone();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -102,15 +107,11 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE),
             check,
         ))
-        .serve_with_incoming_shutdown(
-            // Small messages (a dispatch, a result) must not wait for Nagle + delayed ACK (40 ms).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                shutdown.await;
-                tracing::info!("master shutting down");
-                stop.shutdown().await;
-            },
-        )
+        .serve_with_incoming_shutdown(listener::incoming(listener, limits), async move {
+            shutdown.await;
+            tracing::info!("master shutting down");
+            stop.shutdown().await;
+        })
         .await
         .map_err(|e| MasterError::io("serving gRPC", std::io::Error::other(e)))?;
     store.flush().await?;
