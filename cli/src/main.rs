@@ -448,6 +448,8 @@ async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
 }
 
 fn main() {
+    // Before anything else: the slave runs each command under this binary as its reaper.
+    ish_slave::reaper::main_if_reaper();
     let cli = Cli::parse();
     let default_log = if matches!(cli.cmd, Cmd::Build(_) | Cmd::Bench(_)) {
         "warn"

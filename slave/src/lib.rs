@@ -5,9 +5,9 @@
 //! ```text
 //! master ──Prepare──▶ fetch project (git2 cache → fresh workspace) → job config → atomizers ──▶ PrepareResult
 //!        ──Setup────▶ fetch (or reuse) → setup_build once                                   ──▶ SetupResult
-//!        ──RunSubjob▶ atoms in order: bash -o pipefail, own process group, env of spec §10.2
+//!        ──RunSubjob▶ atoms in order: bash -o pipefail under a reaper (reaper.rs), env of spec §10.2
 //!                      console chunks ─▶ stream; $ARTIFACT_DIR files ─▶ UploadArtifacts RPC ──▶ AtomResult
-//!        ──Cancel───▶ TERM the build's process groups, KILL after a grace
+//!        ──Cancel───▶ TERM the build's process trees, KILL after a grace
 //!        ──Teardown─▶ teardown_build once, delete the workspace                             ──▶ TeardownDone
 //! ```
 //! When the master goes away the slave stops its work (the master re-queues it) and reconnects
@@ -16,6 +16,7 @@
 pub mod config;
 pub mod git;
 pub mod project;
+pub mod reaper;
 pub mod remote;
 pub mod runner;
 pub mod session;
@@ -97,7 +98,7 @@ pub async fn run(
     let max_delay = Duration::from_millis(shared.cfg.max_reconnect_delay_ms.max(100));
     let worker = Worker::new(shared);
     // Owns every task of the slave: dropping `run` (an in-process kill) aborts them all, and with
-    // them the atoms' process groups.
+    // them the atoms' processes (their reapers see their stdin close).
     let mut tasks = tokio::task::JoinSet::new();
     let mut delay = Duration::from_millis(100);
     let mut epoch = 0;

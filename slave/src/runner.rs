@@ -2,8 +2,10 @@
 //! own process group, stdout and stderr interleaved into one pipe, streamed as it is written.
 //!
 //! Cancel sends TERM to the whole process group and KILL after a grace period. When the command's
-//! main process exits, anything it left running in its group is killed too: an atom's processes
-//! never outlive it (a background `sleep 100 &` would otherwise hold the output pipe open).
+//! main process exits, anything it left running is killed too: an atom's processes never outlive
+//! it (a background `sleep 100 &` would otherwise hold the output pipe open). Processes that left
+//! the group (`setsid`, double forks) are caught by the [`crate::reaper`] the command runs under,
+//! when the process has one (the `ish` binary); without one only the process group is killed.
 //!
 //! A command gets exactly the environment in its [`CommandSpec`], nothing of the slave's own:
 //! the slave's process holds the cluster secret (`ISH_SECRET`) and its settings, and a job that
@@ -125,30 +127,54 @@ pub async fn run(
     } else {
         spec.script.clone()
     };
-    let mut cmd = tokio::process::Command::new(sh);
+    let reaper = crate::reaper::helper();
+    let mut cmd = match reaper {
+        Some(exe) => {
+            let mut c = tokio::process::Command::new(exe);
+            c.arg(crate::reaper::ARG)
+                .arg(grace.as_millis().to_string())
+                .arg(sh)
+                // Closing it stops the command; so does the slave's death.
+                .stdin(Stdio::piped())
+                // Killing the reaper would orphan what it guards: it is stopped through stdin.
+                .kill_on_drop(false);
+            c
+        }
+        None => {
+            let mut c = tokio::process::Command::new(sh);
+            c.stdin(Stdio::null()).kill_on_drop(true);
+            c
+        }
+    };
     cmd.arg("-c")
         .arg(script)
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
         .stdout(writer.try_clone()?)
         .stderr(writer)
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     let started = Instant::now();
     let mut child = cmd.spawn()?;
     // Our copies of the pipe's write end must be closed, or the reader never sees EOF.
     drop(cmd);
+    // Dropped with this future at the latest: the reaper then stops the command's tree.
+    let mut stop = child.stdin.take();
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    let guard = GroupGuard(pgid);
+    // With a reaper its group holds only the reaper: the command's tree is the reaper's to stop.
+    let guard = GroupGuard(if reaper.is_some() { 0 } else { pgid });
+    // Shared so that it can be taken from a pump still blocked in `read`: the receiver's end of
+    // the output must come even if a process that escaped keeps the pipe open (no reaper).
+    let output = std::sync::Arc::new(std::sync::Mutex::new(output));
+    let pump_output = output.clone();
     let pump = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
             match reader.read(&mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    if let Some(tx) = &output {
+                    let tx = pump_output.lock().expect("poisoned").clone();
+                    if let Some(tx) = tx {
                         // A closed receiver just means nobody wants the output any more.
                         let _ = tx.blocking_send(buf[..n].to_vec());
                     }
@@ -161,8 +187,15 @@ pub async fn run(
         s = child.wait() => s?,
         _ = cancel.cancelled() => {
             canceled = true;
-            signal_group(pgid, Signal::SIGTERM);
-            match tokio::time::timeout(grace, child.wait()).await {
+            // The reaper sends TERM, and KILL after the grace; past that (it is stuck) it is
+            // killed itself, the last resort.
+            let wait = if stop.take().is_some() {
+                grace + Duration::from_secs(5)
+            } else {
+                signal_group(pgid, Signal::SIGTERM);
+                grace
+            };
+            match tokio::time::timeout(wait, child.wait()).await {
                 Ok(s) => s?,
                 Err(_) => {
                     signal_group(pgid, Signal::SIGKILL);
@@ -171,13 +204,16 @@ pub async fn run(
             }
         }
     };
+    drop(stop);
     let seconds = started.elapsed().as_secs_f64();
     if pgid > 0 {
         signal_group(pgid, Signal::SIGKILL);
     }
     guard.disarm();
-    // A process that left the group (setsid) could keep the pipe open: don't wait forever.
+    // A process that left the group (setsid) could keep the pipe open when there is no reaper:
+    // don't wait forever, and end the output for whoever reads it.
     let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+    output.lock().expect("poisoned").take();
     use std::os::unix::process::ExitStatusExt;
     let exit_code = status
         .code()
@@ -396,6 +432,41 @@ mod tests {
         assert_eq!(o.exit_code, 0);
         assert_eq!(out, b"started\n");
         assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Without a reaper a process that left the group can keep the output pipe open: the
+    /// command still ends, and so does its output (the atom is not held until the process exits).
+    #[tokio::test]
+    async fn a_process_holding_the_pipe_does_not_hold_the_output_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 30' & while [ ! -s {} ]; do sleep 0.01; done; echo out",
+            pidfile.display(),
+            pidfile.display()
+        );
+        let t0 = Instant::now();
+        let (o, out) = tokio::time::timeout(
+            Duration::from_secs(20),
+            run_capture(
+                spec(&script),
+                CancellationToken::new(),
+                Duration::from_secs(1),
+                64,
+            ),
+        )
+        .await
+        .expect("the output ended")
+        .unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        assert_eq!(o.exit_code, 0);
+        assert_eq!(out, b"out\n");
+        assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
     }
 
     #[tokio::test]
