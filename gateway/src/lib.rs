@@ -156,6 +156,16 @@ fn listener_limits(cfg: &GatewayConfig) -> Result<listener::Limits, GatewayError
             )));
         }
     }
+    if let Some(limit) = listener::open_file_limit()
+        && u64::from(cfg.max_connections) + 64 > limit
+    {
+        tracing::warn!(
+            max_connections = cfg.max_connections,
+            open_file_limit = limit,
+            "max_connections is not well below the open-file limit (ulimit -n): a flood can \
+             exhaust the gateway's descriptors before the cap; raise the limit or lower the cap"
+        );
+    }
     Ok(listener::Limits {
         header_read_timeout: std::time::Duration::from_millis(cfg.header_read_timeout_ms),
         idle_timeout: std::time::Duration::from_millis(cfg.idle_timeout_ms),

@@ -142,6 +142,8 @@ impl Drop for InFlight {
 struct Registry {
     next: AtomicU64,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    /// Woken whenever a connection has closed (its descriptor is free again).
+    closed: Notify,
 }
 
 impl Registry {
@@ -182,6 +184,7 @@ struct Registered(Arc<Registry>, u64);
 impl Drop for Registered {
     fn drop(&mut self) {
         self.0.conns().remove(&self.1);
+        self.0.closed.notify_waiters();
     }
 }
 
@@ -254,7 +257,7 @@ pub(crate) async fn serve(
             r = listener.accept() => match r {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    accept_error(e).await;
+                    accept_error(e, &registry).await;
                     continue;
                 }
             },
@@ -304,7 +307,12 @@ async fn finish(
     Ok(())
 }
 
-async fn accept_error(e: io::Error) {
+/// EMFILE and ENFILE (the same numbers on Linux, the BSDs and macOS).
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+async fn accept_error(e: io::Error, registry: &Registry) {
     use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
     // A client that gave up between SYN and accept: nothing to do.
     if matches!(
@@ -313,9 +321,28 @@ async fn accept_error(e: io::Error) {
     ) {
         return;
     }
-    // Most likely out of descriptors (EMFILE/ENFILE): spinning would not free any.
+    // Out of descriptors below max_connections (the open-file limit is lower than the cap, or
+    // other files use them): a waiting connection gives its descriptor to the new one, as at
+    // the cap. Otherwise retrying at once would only spin.
+    if out_of_descriptors(&e) {
+        let mut closed = std::pin::pin!(registry.closed.notified());
+        closed.as_mut().enable();
+        if registry.evict_one() {
+            tracing::warn!(error = %e, "out of file descriptors: closed a waiting HTTP connection; lower max_connections below the open-file limit");
+            // Accept again once its descriptor is free, not before (that would evict another).
+            let _ = tokio::time::timeout(Duration::from_millis(100), closed).await;
+            return;
+        }
+    }
     tracing::error!(error = %e, "accepting an HTTP connection failed; retrying in 1 s");
     tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// The soft open-file limit of this process, where the system tells it without `unsafe`.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 async fn serve_connection(
