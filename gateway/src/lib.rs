@@ -67,7 +67,8 @@ pub struct GatewayConfig {
     pub idle_timeout_ms: u64,
     /// Most connections open at once. At the cap, a new connection replaces the one waiting
     /// longest without a request in progress; when all are busy, new ones wait in the kernel's
-    /// accept queue. Keep it well under the open-file limit (`ulimit -n`). Default 512.
+    /// accept queue. Keep it well under the open-file limit (`ulimit -n`; the gateway raises
+    /// its soft limit to the hard one at start). Default 512.
     pub max_connections: u32,
 }
 
@@ -156,7 +157,8 @@ fn listener_limits(cfg: &GatewayConfig) -> Result<listener::Limits, GatewayError
             )));
         }
     }
-    if let Some(limit) = listener::open_file_limit()
+    // 64: the master channel, the log and the runtime's own descriptors, with room to spare.
+    if let Some(limit) = listener::raise_file_limit()
         && u64::from(cfg.max_connections) + 64 > limit
     {
         tracing::warn!(

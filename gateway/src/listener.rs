@@ -338,11 +338,15 @@ async fn accept_error(e: io::Error, registry: &Registry) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// The soft open-file limit of this process, where the system tells it without `unsafe`.
-pub(crate) fn open_file_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
+/// Raises the soft open-file limit to the hard one (the usual start-up step of a server: a
+/// soft limit of 1024 is common and far below what a busy gateway can hold) and returns it.
+pub(crate) fn raise_file_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
 }
 
 async fn serve_connection(
