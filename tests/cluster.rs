@@ -485,7 +485,7 @@ async fn cancel_during_atomizing_and_during_building() {
     write_job(
         project.path(),
         &format!(
-            "B:\n  commands: ['echo $$ > {m}/pid_$V', 'sleep 30']\n  atomizers: [{{V: 'seq 1 6'}}]\n"
+            "B:\n  commands: ['echo $$ > {m}/pid_$V', 'echo started $V', 'sleep 30']\n  atomizers: [{{V: 'seq 1 6'}}]\n"
         ),
     );
     let id = submit(&mut b, dir_request(project.path())).await;
@@ -511,6 +511,61 @@ async fn cancel_during_atomizing_and_during_building() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // What the killed atoms did is kept: killed by a signal, their console so far; the atoms
+    // that never started are still not started.
+    let started: Vec<String> = pids_in(marker.path())
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(started.len(), 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let killed = loop {
+        let sjs = subjobs(&mut b, id).await;
+        let killed: Vec<proto::Atom> = sjs
+            .iter()
+            .flat_map(|s| &s.atoms)
+            .filter(|a| a.exit_code.is_some())
+            .cloned()
+            .collect();
+        if killed.len() == 2 {
+            let rest = sjs
+                .iter()
+                .flat_map(|s| &s.atoms)
+                .filter(|a| a.exit_code.is_none());
+            assert!(
+                rest.clone()
+                    .all(|a| a.state == proto::AtomState::NotStarted as i32)
+            );
+            assert_eq!(rest.count(), 4);
+            break killed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "killed atoms not recorded: {sjs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for a in &killed {
+        assert_eq!(a.state, proto::AtomState::Completed as i32, "{a:?}");
+        assert!(a.exit_code.unwrap() < 0, "killed by a signal: {a:?}");
+        let page = b
+            .get_console(proto::GetConsoleRequest {
+                build_id: id,
+                subjob_id: a.subjob_id,
+                atom_id: a.id,
+                max_lines: 10,
+                offset_line: None,
+            })
+            .await
+            .expect("the killed atom's console is kept")
+            .into_inner();
+        assert_eq!(
+            page.content,
+            format!("started {}\n", token(&a.command_string)),
+            "{a:?}"
+        );
+    }
+    assert_eq!(state(&get(&mut b, id).await), proto::BuildState::Canceled);
     // The executors are free again: the next build runs.
     write_job(
         project.path(),

@@ -279,6 +279,9 @@ struct Build {
     /// Set once the build is final: then `subjobs` is emptied and its atoms are read from the
     /// store on demand, so memory does not grow with the history of builds.
     summary: Option<FinalSummary>,
+    /// Ended (canceled or failed) while subjobs ran: its atoms stay in memory until the slaves
+    /// report what the killed atoms did (exit code, console so far), then it is retired.
+    killing: bool,
 }
 
 /// What a final build keeps in memory of its atoms.
@@ -616,6 +619,7 @@ impl Build {
             grouping_durable: false,
             prepare_excluded: BTreeSet::new(),
             summary: None,
+            killing: false,
         }
     }
 
@@ -2151,7 +2155,8 @@ impl Core {
         let Some(b) = self.builds.get_mut(&r.build_id) else {
             return;
         };
-        if b.state.is_final() {
+        // A build that ended while this ran still records what the killed atom did.
+        if b.state.is_final() && !b.killing {
             return;
         }
         let Some(a) = b
@@ -2274,9 +2279,16 @@ impl Core {
 
     /// Starts post-build work once every subjob is complete.
     fn check_complete(&mut self, id: u64) {
+        let running = self.has_attempts(id);
         let Some(b) = self.builds.get_mut(&id) else {
             return;
         };
+        if b.killing {
+            if !running {
+                self.retire(id);
+            }
+            return;
+        }
         if b.archiving || !matches!(b.state, BuildState::Prepared | BuildState::Building) {
             return;
         }
@@ -2391,7 +2403,27 @@ impl Core {
         for sid in teardown_on {
             self.send(sid, Down::Teardown(proto::Teardown { build_id: id }));
         }
+        if event != BuildEvent::Finish && !cancel_on.is_empty() && self.has_attempts(id) {
+            // The killed atoms' results (exit code, console so far) are still to come.
+            if let Some(b) = self.builds.get_mut(&id) {
+                b.killing = true;
+            }
+            self.persist(id);
+            self.notify(id);
+            return;
+        }
+        self.retire(id);
+    }
+
+    fn has_attempts(&self, build: u64) -> bool {
+        self.attempts.values().any(|a| a.build == build)
+    }
+
+    /// A final build's last step: its atoms leave memory, its record gets its summary, and its
+    /// attempt directories go once that is on disk.
+    fn retire(&mut self, id: u64) {
         if let Some(b) = self.builds.get_mut(&id) {
+            b.killing = false;
             b.evict();
         }
         self.persist(id);

@@ -259,6 +259,36 @@ impl Harness {
         );
     }
 
+    /// Every subjob of a build, with its atoms.
+    fn subjobs(&mut self, id: u64) -> Vec<proto::Subjob> {
+        self.call(|reply| Command::ListSubjobs {
+            build: id,
+            offset: 0,
+            limit: 0,
+            reply,
+        })
+        .unwrap()
+        .subjobs
+    }
+
+    /// Takes the results queue's pending promotions and cleanups (nothing else is queued).
+    fn promotions_and_cleanups(&mut self) -> (Vec<(u64, u32, u32)>, Vec<u64>) {
+        let (mut promoted, mut cleaned) = (Vec::new(), Vec::new());
+        while let Ok(job) = self.results.try_recv() {
+            match job {
+                ResultsJob::Promote {
+                    build,
+                    subjob,
+                    atom,
+                    ..
+                } => promoted.push((build, subjob, atom)),
+                ResultsJob::Cleanup { build } => cleaned.push(build),
+                _ => panic!("unexpected results job"),
+            }
+        }
+        (promoted, cleaned)
+    }
+
     /// Plays the results queue: promotions succeed, archives succeed, and the completion comes back.
     async fn run_results(&mut self) -> Vec<(u64, Vec<String>, Vec<String>)> {
         let mut archives = Vec::new();
@@ -553,10 +583,55 @@ async fn cancel_kills_running_work_and_tears_down() {
     let again = h.call(|r| Command::Cancel(id, r)).unwrap();
     assert_eq!(state(&again), proto::BuildState::Canceled);
     assert!(s.all().is_empty());
-    // Executors come back when the killed subjobs report done; a new build can use them.
+    // While the killed subjobs are out, their atoms show as running.
+    let sjs = h.subjobs(id);
+    let ran: Vec<u32> = runs.iter().map(|r| r.subjob_id).collect();
+    for sj in &sjs {
+        let want = if ran.contains(&sj.id) {
+            proto::AtomState::InProgress
+        } else {
+            proto::AtomState::NotStarted
+        };
+        assert!(sj.atoms.iter().all(|a| a.state == want as i32), "{sjs:#?}");
+    }
+    // Executors come back when the killed subjobs report done; a new build can use them. What
+    // the killed atoms did is kept: killed by SIGTERM, with their time (and console).
     for r in &runs {
         h.complete(&s, r, -15, 0.1);
     }
+    let sjs = h.subjobs(id);
+    for sj in &sjs {
+        for a in &sj.atoms {
+            if ran.contains(&sj.id) {
+                assert_eq!(a.state, proto::AtomState::Completed as i32, "{a:?}");
+                assert_eq!((a.exit_code, a.actual_time), (Some(-15), Some(0.1)));
+            } else {
+                assert_eq!(a.state, proto::AtomState::NotStarted as i32, "{a:?}");
+                assert_eq!(a.exit_code, None);
+            }
+        }
+    }
+    let (mut promoted, _) = h.promotions_and_cleanups();
+    promoted.sort();
+    let mut want: Vec<(u64, u32, u32)> = runs
+        .iter()
+        .flat_map(|r| r.atoms.iter().map(|a| (id, r.subjob_id, a.atom_id)))
+        .collect();
+    want.sort();
+    assert_eq!(
+        promoted, want,
+        "the killed atoms' files (console so far) are kept"
+    );
+    // Once the last killed subjob is in, the build's attempt directories are cleaned up.
+    let mut cleaned = Vec::new();
+    for _ in 0..100 {
+        cleaned.extend(h.promotions_and_cleanups().1);
+        if !cleaned.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cleaned, [id]);
     let id2 = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(p)) if p.build_id == id2));
     assert_eq!(
