@@ -154,10 +154,17 @@ fn open_fds(pid: nix::unistd::Pid) -> usize {
 
 /// A master whose file limit is `nofile` (set by the shell it is exec'd from), with `slaves`
 /// slaves of `executors` each.
-async fn cluster_with_file_limit(nofile: u32, slaves: usize, executors: u32) -> Cluster {
+async fn cluster_with_file_limit(
+    nofile: u32,
+    master_toml: &str,
+    slaves: usize,
+    executors: u32,
+) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let secret = ish_core::auth::generate_secret();
     let master_dir = dir.path().join("master");
+    let conf = dir.path().join("master.toml");
+    std::fs::write(&conf, master_toml).unwrap();
     let log = dir.path().join("master.log");
     let out = std::fs::File::create(&log).unwrap();
     let child = std::process::Command::new("sh")
@@ -166,6 +173,8 @@ async fn cluster_with_file_limit(nofile: u32, slaves: usize, executors: u32) -> 
             &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
             ISH,
             "master",
+            "--config",
+            conf.to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
             "--data-dir",
@@ -220,7 +229,7 @@ async fn cluster_with_file_limit(nofile: u32, slaves: usize, executors: u32) -> 
 async fn a_connection_flood_neither_exhausts_nor_wedges_the_master() {
     const NOFILE: u32 = 1024;
     const FLOOD: usize = 3 * NOFILE as usize;
-    let c = cluster_with_file_limit(NOFILE, 1, 2).await;
+    let c = cluster_with_file_limit(NOFILE, "", 1, 2).await;
     let pid = c.master.pid();
     let addr = c.url.trim_start_matches("http://").to_string();
     let project = project_with(
@@ -306,5 +315,80 @@ async fn a_connection_flood_neither_exhausts_nor_wedges_the_master() {
     let again = wait_final(&mut b, again).await;
     assert_eq!(again.result, proto::BuildResult::NoFailures as i32);
     drop((b, fresh));
+    c.stop();
+}
+
+/// When the master does run out of descriptors (here: a cap set above its file limit, and a
+/// flood), the build whose files cannot be written ends in ERROR with the reason, the master
+/// keeps answering, works again once the flood is gone, stops on SIGTERM, and the build's final
+/// state is the same after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_errors_fail_the_build_cleanly_and_its_final_state_stays() {
+    const NOFILE: u32 = 256;
+    let mut c = cluster_with_file_limit(
+        NOFILE,
+        "max_connections = 4000\nhandshake_timeout_ms = 120000\n",
+        1,
+        2,
+    )
+    .await;
+    let pid = c.master.pid();
+    let addr = c.url.trim_start_matches("http://").to_string();
+    let project = project_with(
+        "F:\n  commands: ['sleep 0.2', 'echo $T > $ARTIFACT_DIR/t', 'echo done $T']\n  atomizers: [{T: 'seq 1 30'}]\n",
+    );
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    wait_for(&mut b, id, Duration::from_secs(30), |b| {
+        b.completed_atoms >= 2
+    })
+    .await;
+    let mut flood = Vec::new();
+    while open_fds(pid) < NOFILE as usize - 2 && flood.len() < 4 * NOFILE as usize {
+        let connect = tokio::net::TcpStream::connect(&addr);
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), connect).await {
+            flood.push(s);
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(60), wait_final(&mut b, id))
+        .await
+        .expect("the master keeps answering while out of descriptors");
+    assert_eq!(state(&ended), proto::BuildState::Error, "{ended:#?}");
+    assert!(
+        ended.error_message.contains("Too many open files"),
+        "{ended:#?}"
+    );
+    drop(flood);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while open_fds(pid) > 64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} fds",
+            open_fds(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Working again: a new build passes, and a new client gets in.
+    let next = submit(&mut b, dir_request(project.path())).await;
+    let next = wait_final(&mut b, next).await;
+    assert_eq!(
+        next.result,
+        proto::BuildResult::NoFailures as i32,
+        "{next:#?}"
+    );
+    drop(b);
+    let (mut b, _) = c.clients().await;
+    assert_eq!(get(&mut b, id).await.state, ended.state);
+    drop(b);
+
+    c.crash_and_restart_master(Duration::ZERO);
+    let (mut b, _) = c.clients().await;
+    let after = get(&mut b, id).await;
+    assert_eq!(
+        (after.state, after.result, &after.error_message),
+        (ended.state, ended.result, &ended.error_message),
+        "a final build's state changed across a restart"
+    );
+    drop(b);
     c.stop();
 }
