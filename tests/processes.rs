@@ -129,7 +129,7 @@ E:
   atomizers:
     - T: env > "$MARKER/atomizer.env"; seq 1 3
   teardown_build:
-    - env > "$MARKER/teardown.env"
+    - env > "$MARKER/teardown.tmp" && mv "$MARKER/teardown.tmp" "$MARKER/teardown.env"
 "#,
     );
     let (mut b, _) = c.clients().await;
@@ -165,6 +165,11 @@ E:
             "{what} has the build's env:\n{dump}"
         );
     };
+    // Teardown runs once the build has ended: give it a moment (it appears whole, by a rename).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.path().join("teardown.env").exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for name in ["setup.env", "atomizer.env", "teardown.env"] {
         let dump = std::fs::read_to_string(marker.path().join(name))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
