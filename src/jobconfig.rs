@@ -128,7 +128,8 @@ pub enum JobConfigError {
         /// The value given.
         value: i128,
     },
-    /// `atom_timeout`/`build_timeout` outside 1..=MAX_TIMEOUT_SECONDS.
+    /// `atom_timeout`/`build_timeout` over MAX_TIMEOUT_SECONDS (zero or negative is
+    /// [`JobConfigError::NonPositiveMaxExecutors`], like the executor counts).
     #[error(
         "Definition for job \"{job}\" contains an invalid value for config section \"{section}\". \
          Expected a number of seconds from 1 to {MAX_TIMEOUT_SECONDS} but found {value}."
@@ -141,7 +142,7 @@ pub enum JobConfigError {
         /// The value given.
         value: i128,
     },
-    /// `max_executors`/`max_executors_per_slave` is zero or negative.
+    /// `max_executors`/`max_executors_per_slave`/a timeout is zero or negative.
     #[error(
         "Definition for job \"{job}\" contains an invalid value for config section \"{section}\". \
          Expected a positive integer but found {value}."
@@ -433,11 +434,18 @@ fn validate_job(job: &str, sections: &Node) -> Result<JobConfig, JobConfigError>
             (Expected::Int, Node::Int(n))
                 if section == ATOM_TIMEOUT || section == BUILD_TIMEOUT =>
             {
+                if *n <= 0 {
+                    return Err(JobConfigError::NonPositiveMaxExecutors {
+                        job: job.to_owned(),
+                        section: section.to_owned(),
+                        value: *n,
+                    });
+                }
                 // Refused rather than clamped: a limit other than the one written would end
                 // (or fail to end) atoms and builds at a time nobody asked for.
                 let seconds = u32::try_from(*n)
                     .ok()
-                    .filter(|s| (1..=MAX_TIMEOUT_SECONDS).contains(s))
+                    .filter(|s| *s <= MAX_TIMEOUT_SECONDS)
                     .ok_or_else(|| JobConfigError::BadTimeout {
                         job: job.to_owned(),
                         section: section.to_owned(),
@@ -1984,12 +1992,12 @@ mod extension_tests {
             (
                 "atom_timeout",
                 "0",
-                "Expected a number of seconds from 1 to 4294967295 but found 0.",
+                "Expected a positive integer but found 0.",
             ),
             (
                 "build_timeout",
                 "-5",
-                "Expected a number of seconds from 1 to 4294967295 but found -5.",
+                "Expected a positive integer but found -5.",
             ),
             // One past the range used to be clamped to it silently.
             (

@@ -1003,21 +1003,27 @@ async fn rest_malformed_chunks_hosts_timeouts_and_hostile_fields_are_refused() {
     }
 
     // atom_timeout / build_timeout beyond their range are refused, naming the field and range.
-    for (section, value) in [
-        ("atom_timeout", json!(4_294_967_296_u64)),
-        ("build_timeout", json!(4_294_967_296_u64)),
-        ("atom_timeout", json!(0)),
-        ("build_timeout", json!(-1)),
+    for (section, value, expected) in [
+        (
+            "atom_timeout",
+            4_294_967_296_i64,
+            "a number of seconds from 1 to 4294967295",
+        ),
+        (
+            "build_timeout",
+            4_294_967_296,
+            "a number of seconds from 1 to 4294967295",
+        ),
+        ("atom_timeout", 0, "a positive integer"),
+        ("build_timeout", -1, "a positive integer"),
     ] {
         let mut config = simple_config();
-        config[section] = value.clone();
+        config[section] = json!(value);
         let r = env.post_build(&dir_build(project.path(), config)).await;
         f.refused(
             &format!("{section}: {value}"),
             &r,
-            &format!(
-                "config section \"{section}\". Expected a number of seconds from 1 to 4294967295 but found {value}."
-            ),
+            &format!("config section \"{section}\". Expected {expected} but found {value}."),
         );
     }
 
