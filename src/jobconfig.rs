@@ -443,14 +443,13 @@ fn validate_job(job: &str, sections: &Node) -> Result<JobConfig, JobConfigError>
                 }
                 // Refused rather than clamped: a limit other than the one written would end
                 // (or fail to end) atoms and builds at a time nobody asked for.
-                let seconds = u32::try_from(*n)
-                    .ok()
-                    .filter(|s| *s <= MAX_TIMEOUT_SECONDS)
-                    .ok_or_else(|| JobConfigError::BadTimeout {
-                        job: job.to_owned(),
-                        section: section.to_owned(),
-                        value: *n,
-                    })?;
+                // The conversion is the range check (MAX_TIMEOUT_SECONDS is u32::MAX).
+                const _: () = assert!(MAX_TIMEOUT_SECONDS == u32::MAX);
+                let seconds = u32::try_from(*n).map_err(|_| JobConfigError::BadTimeout {
+                    job: job.to_owned(),
+                    section: section.to_owned(),
+                    value: *n,
+                })?;
                 if section == ATOM_TIMEOUT {
                     config.atom_timeout_seconds = seconds;
                 } else {
