@@ -604,7 +604,8 @@ async fn rest_bad_build_requests_are_refused_and_store_nothing() {
         (
             "config over 1 MiB",
             dir_build(project.path(), huge_config()),
-            "too large",
+            // The limit, however the message words it.
+            "1048576 bytes",
         ),
         (
             "config with a bad section",
@@ -1673,7 +1674,7 @@ async fn grpc_bad_requests_get_the_right_status_codes() {
         (
             "config_json over 1 MiB",
             huge_config().to_string(),
-            Some("too large"),
+            Some("1048576 bytes"),
         ),
         (
             "config_json without atomizers",
