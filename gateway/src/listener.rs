@@ -266,7 +266,9 @@ pub(crate) async fn serve(
             Ok(p) => p,
             Err(_) => loop {
                 let evicted = registry.evict_one();
-                // Busy connections become evictable when their request ends: look again soon.
+                // An evicted connection returns its permit at once (the second is a fallback);
+                // with none evictable, busy ones become so when their request ends: look again
+                // soon.
                 let retry = if evicted {
                     Duration::from_secs(1)
                 } else {
