@@ -7,12 +7,14 @@
 //! - [`console`]: ClusterRunner's console paging over an atom's output.
 //! - [`state`]: the build state machine.
 //! - [`auth`]: the cluster secret and ClusterRunner's HMAC-SHA512 message digest.
+//! - [`jsontext`]: JSON objects normalized as text (request_params, in the client's key order).
 //!
 //! Nothing here does I/O; the role crates (`ish-master`, `ish-slave`, `ish-gateway`) do.
 pub mod auth;
 pub mod console;
 pub mod grouping;
 pub mod jobconfig;
+pub mod jsontext;
 pub mod paths;
 #[cfg(test)]
 mod proptests;

@@ -392,3 +392,125 @@ async fn storage_errors_fail_the_build_cleanly_and_its_final_state_stays() {
     drop(b);
     c.stop();
 }
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A build's record holds its parameters, not the body's bytes: eight signed bodies padded
+/// with 9 MiB of whitespace each barely grow the store and are echoed normalized (atoms
+/// apart); and builds whose records together pass the message limit are still listed whole,
+/// by gRPC in pages and by `GET /v1/build` in one answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_records_hold_parameters_not_bodies_and_every_listing_pages() {
+    let c = Cluster::start(1, 2).await;
+    let (gw, _gw_proc) = c.start_gateway();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let project = project_with("J:\n  commands: ['true']\n  atomizers: [{T: 'seq 1 1'}]\n");
+    let dir = project.path().display().to_string();
+    let db = c.dir.path().join("master").join("db");
+    let before = dir_bytes(&db);
+    let (mut b, _) = c.clients().await;
+    let padding = " ".repeat(9 << 19);
+    for i in 0..8 {
+        let body = format!(
+            "{{{padding}\"type\": \"directory\",{padding}\"project_directory\": \"{dir}\", \"atoms_override\": [\"export T=\\\"{i}\\\";\"]}}"
+        );
+        let r = http
+            .post(format!("{gw}/v1/build"))
+            .header(
+                "Clusterrunner-Message-Authentication-Digest",
+                ish_core::auth::digest(&c.secret, body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    }
+    for id in 1..=8 {
+        let build = wait_final(&mut b, id).await;
+        assert_eq!(
+            build.result,
+            proto::BuildResult::NoFailures as i32,
+            "{build:#?}"
+        );
+    }
+    let grown = dir_bytes(&db).saturating_sub(before);
+    println!(
+        "store growth after 8 bodies padded to 9 MiB: {:.1} MiB",
+        grown as f64 / 1048576.0
+    );
+    assert!(grown < 16 << 20, "the store grew by {grown} bytes");
+    let listed: serde_json::Value = http
+        .get(format!("{gw}/v1/build"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let builds = listed["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 8);
+    for build in builds {
+        let params = &build["request_params"];
+        assert_eq!(params["type"], "directory", "{params}");
+        assert_eq!(params["project_directory"], dir.as_str());
+        assert!(params.get("atoms_override").is_none(), "{params}");
+    }
+
+    // 36 builds with a 0.95 MiB inline config each: about 68 MiB of records in all.
+    let long = "x".repeat(950 << 10);
+    for _ in 0..36 {
+        let mut req = dir_request(project.path());
+        req.config_json =
+            format!(r#"{{"commands": ["true # {long}"], "atomizers": [{{"T": "echo 1"}}]}}"#);
+        req.job_name = "Big".into();
+        submit(&mut b, req).await;
+    }
+    for id in 9..=44 {
+        wait_final(&mut b, id).await;
+    }
+    let page = b
+        .list(proto::ListBuildsRequest {
+            offset: 0,
+            limit: 0,
+            unfinished_only: false,
+        })
+        .await
+        .expect("a listing fits in one message")
+        .into_inner();
+    assert_eq!(page.total, 44);
+    assert!(
+        !page.builds.is_empty() && page.builds.len() < 44,
+        "{} builds in one page",
+        page.builds.len()
+    );
+    let r = http.get(format!("{gw}/v1/build")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let listed: serde_json::Value = r.json().await.unwrap();
+    let ids: Vec<u64> = listed["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=44).collect::<Vec<_>>());
+    drop(b);
+    c.stop();
+}

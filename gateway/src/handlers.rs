@@ -593,22 +593,36 @@ async fn list_builds(
 ) -> Result<Response, ApiError> {
     // The queue is never paginated (spec §1.5).
     let page = if queue { None } else { ctx.page()? };
-    let builds = match page {
-        Some((_, 0)) => Vec::new(),
-        _ => {
-            let (offset, limit) = page.unwrap_or((0, 0));
-            ctx.state
+    let mut builds = Vec::new();
+    if !matches!(page, Some((_, 0))) {
+        let (mut offset, limit) = page.unwrap_or((0, 0));
+        // The master pages by size too: gather pages until the request's range is served.
+        loop {
+            let want = if limit == 0 {
+                0
+            } else {
+                limit - builds.len() as u32
+            };
+            let resp = ctx
+                .state
                 .builds()
                 .list(proto::ListBuildsRequest {
                     offset,
-                    limit,
+                    limit: want,
                     unfinished_only: queue,
                 })
                 .await?
-                .into_inner()
-                .builds
+                .into_inner();
+            let got = resp.builds.len() as u32;
+            builds.extend(resp.builds);
+            offset += got;
+            let done =
+                got == 0 || offset >= resp.total || (limit > 0 && builds.len() as u32 >= limit);
+            if done {
+                break;
+            }
         }
-    };
+    }
     let key = if queue { "queue" } else { "builds" };
     ctx.json(&Keyed(key, ctx.builds_json(&builds)), children)
 }

@@ -191,13 +191,23 @@ pub fn build(b: &proto::Build, artifacts_base: &str) -> BuildJson {
         .and_then(|r| serde_json::from_str::<Value>(&r.request_params_json).ok())
         .filter(Value::is_object)
         .unwrap_or_else(|| Value::Object(Default::default()));
-    if !b.project_dir.is_empty()
-        && let Some(m) = request_params.as_object_mut()
-    {
-        m.insert(
-            "build_project_directory".into(),
-            b.project_dir.clone().into(),
-        );
+    // Present from creation, as ClusterRunner sends it: the directory the build runs in once it
+    // is prepared; before that a directory build's own directory, and "" for a git build (its
+    // checkout is made on the slaves).
+    let project_dir = if b.project_dir.is_empty() {
+        match b
+            .request
+            .as_ref()
+            .and_then(|r| r.source.as_ref()?.kind.as_ref())
+        {
+            Some(proto::project_source::Kind::Directory(d)) => d.path.clone(),
+            _ => String::new(),
+        }
+    } else {
+        b.project_dir.clone()
+    };
+    if let Some(m) = request_params.as_object_mut() {
+        m.insert("build_project_directory".into(), project_dir.into());
     }
     BuildJson {
         id: b.id,
@@ -376,10 +386,18 @@ mod tests {
         assert_eq!(j["details"], Value::Null);
         assert_eq!(j["num_atoms"], Value::Null);
         assert_eq!(j["num_subjobs"], 0);
+        // Every key from creation, as ClusterRunner: a git build's checkout is not known yet.
         assert_eq!(
             j["request_params"],
-            json!({"type": "directory", "project_directory": "/p"})
+            json!({"type": "directory", "project_directory": "/p", "build_project_directory": ""})
         );
+        b.request.as_mut().unwrap().source = Some(proto::ProjectSource {
+            kind: Some(proto::project_source::Kind::Directory(
+                proto::DirectorySource { path: "/d".into() },
+            )),
+        });
+        let j = serde_json::to_value(build(&b, "")).unwrap();
+        assert_eq!(j["request_params"]["build_project_directory"], "/d");
     }
 
     #[test]

@@ -359,6 +359,10 @@ pub struct Core {
     resume_until: Option<Instant>,
     /// Answers that wait for the next database flush.
     durable: Vec<Durable>,
+    /// Builds whose last change could not be written (a storage error): written again on every
+    /// tick until it is, so a state clients saw (a final one above all) reaches the disk and a
+    /// restart does not bring back an older one.
+    unsaved: BTreeSet<u64>,
     /// A flush is running.
     flushing: bool,
 }
@@ -383,6 +387,13 @@ const MAX_ENV_BYTES: usize = 256 << 10;
 
 /// Most `remote_files` one build may ask for.
 const MAX_REMOTE_FILES: usize = 100;
+
+/// Largest `request_params` a build may keep, once normalized (see `ish_core::jsontext`).
+const MAX_REQUEST_PARAMS_BYTES: usize = 2 << 20;
+
+/// Encoded bytes of builds one listing page carries at most (at least one build): far below
+/// the message limit, whatever the history holds. `total` tells the caller there is more.
+const LIST_PAGE_BYTES: usize = 16 << 20;
 
 /// Events kept in memory for the eventlog.
 const MAX_EVENTS: usize = 10_000;
@@ -811,6 +822,7 @@ impl Core {
             metrics: Metrics::default(),
             resume_until: None,
             durable: Vec::new(),
+            unsaved: BTreeSet::new(),
             flushing: false,
         }
     }
@@ -1169,10 +1181,16 @@ impl Core {
                 } else {
                     limit as usize
                 };
+                let mut bytes = 0;
                 let builds = matching
                     .skip(offset as usize)
                     .take(take)
                     .map(|b| b.to_proto(true))
+                    .take_while(|b| {
+                        let first = bytes == 0;
+                        bytes += prost::Message::encoded_len(b);
+                        first || bytes <= LIST_PAGE_BYTES
+                    })
                     .collect();
                 let _ = reply.send(Ok(proto::ListBuildsResponse { builds, total }));
             }
@@ -1369,11 +1387,41 @@ impl Core {
         let _ = self.changes.send(build);
     }
 
-    fn persist(&self, id: u64) {
-        if let Some(b) = self.builds.get(&id)
-            && let Err(e) = self.store.put_build(&b.to_record())
-        {
-            tracing::error!(build = id, error = %e, "could not store build");
+    fn persist(&mut self, id: u64) {
+        let Some(b) = self.builds.get(&id) else {
+            return;
+        };
+        match self.store.put_build(&b.to_record()) {
+            Ok(()) => {
+                self.unsaved.remove(&id);
+            }
+            Err(e) => {
+                if self.unsaved.insert(id) {
+                    tracing::error!(build = id, error = %e, "could not store build; retrying");
+                    self.metrics.internal_error("StorageWriteFailure");
+                }
+            }
+        }
+    }
+
+    /// Writes again what a storage error kept from the disk.
+    fn retry_unsaved(&mut self) {
+        let ids: Vec<u64> = self.unsaved.iter().copied().collect();
+        let mut stored = false;
+        for id in ids {
+            self.persist(id);
+            if !self.unsaved.contains(&id) {
+                tracing::info!(build = id, "build stored after an earlier storage error");
+                stored = true;
+            }
+        }
+        if stored {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.flush().await {
+                    tracing::error!(error = %e, "could not flush the database");
+                }
+            });
         }
     }
 
@@ -1395,8 +1443,19 @@ impl Core {
 
     fn submit(&mut self, mut req: proto::BuildRequest) -> Result<u64> {
         validate_request(&req, self.cfg.max_atoms_per_build)?;
-        if req.request_params_json.is_empty() {
-            req.request_params_json = request_params_json(&req);
+        req.request_params_json = if req.request_params_json.is_empty() {
+            request_params_json(&req)
+        } else {
+            // What is stored is the parameters, not the body's bytes: no padding, and the atoms
+            // (up to 100,000) are kept once, apart from the record.
+            ish_core::jsontext::compact_object(&req.request_params_json, &["atoms_override"])
+                .ok_or_else(|| invalid("request_params_json must be a JSON object."))?
+        };
+        if req.request_params_json.len() > MAX_REQUEST_PARAMS_BYTES {
+            return Err(invalid(format!(
+                "The build parameters are too large: {} bytes once normalized, at most {MAX_REQUEST_PARAMS_BYTES}.",
+                req.request_params_json.len()
+            )));
         }
         let id = self.store.next_build_id()?;
         let b = Build::new(id, req);
@@ -2505,6 +2564,9 @@ impl Core {
     }
 
     fn sweep(&mut self, now: Instant) {
+        if !self.unsaved.is_empty() {
+            self.retry_unsaved();
+        }
         if self.resume_until.is_some_and(|t| now >= t) {
             self.resume_until = None;
         }

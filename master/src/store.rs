@@ -30,6 +30,9 @@ pub struct Store {
     overrides: sled::Tree,
     timings: sled::Tree,
     meta: sled::Tree,
+    /// Unit tests of storage errors: build and atom writes fail while set.
+    #[cfg(test)]
+    fail_writes: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Buckets of a job's timing history (fixed: it is part of the on-disk format).
@@ -90,6 +93,8 @@ impl Store {
             timings: db.open_tree("timing_buckets")?,
             meta: db.open_tree("meta")?,
             db,
+            #[cfg(test)]
+            fail_writes: Default::default(),
         }
         .migrated()
     }
@@ -159,8 +164,32 @@ impl Store {
 
     /// Writes a build record.
     pub fn put_build(&self, rec: &proto::StoredBuild) -> Result<()> {
+        self.injected_failure()?;
         let id = rec.build.as_ref().map(|b| b.id).unwrap_or_default();
         self.builds.insert(id.to_be_bytes(), rec.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Makes build and atom writes fail (storage error tests).
+    #[cfg(test)]
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[cfg(test)]
+    fn injected_failure(&self) -> Result<()> {
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(MasterError::io(
+                "writing",
+                std::io::Error::other("Too many open files (injected)"),
+            ));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn injected_failure(&self) -> Result<()> {
         Ok(())
     }
 
@@ -178,6 +207,7 @@ impl Store {
 
     /// Writes one atom.
     pub fn put_atom(&self, build: u64, atom: &proto::Atom) -> Result<()> {
+        self.injected_failure()?;
         self.atoms.insert(
             atom_key(build, atom.subjob_id, atom.id),
             atom.encode_to_vec(),

@@ -974,6 +974,51 @@ async fn builds_resume_after_a_restart() {
     assert_eq!(b.completed_atoms, 2);
 }
 
+/// A storage error while a build runs ends it in ERROR with the reason; a final state the disk
+/// refused is written again once storage works, so a restart finds the same final state (it
+/// used to find the build still BUILDING and finish it: ERROR became FINISHED).
+#[tokio::test]
+async fn a_storage_error_fails_the_build_and_its_final_state_reaches_the_disk() {
+    let store = Store::temporary().unwrap();
+    let id;
+    let stored_state = |store: &Store, id: u64| {
+        store
+            .load_builds()
+            .unwrap()
+            .into_iter()
+            .find_map(|r| r.build.filter(|b| b.id == id))
+            .map(|b| proto::BuildState::try_from(b.state).unwrap())
+    };
+    {
+        let mut h = Harness::with_store(store.clone());
+        let mut s = h.slave("s", 1);
+        id = h.submit(dir_request(CONFIG)).await;
+        assert!(matches!(s.next(), Some(D::Prepare(_))));
+        h.prepared(&s, id, job(0, 0), atoms(2)).await;
+        assert!(matches!(s.next(), Some(D::Setup(_))));
+        h.setup_ok(&s, id);
+        let r = run_subjobs(&s.all()).pop().unwrap();
+        store.fail_writes(true);
+        h.complete(&s, &r, 0, 0.3);
+        let b = h.build(id);
+        assert_eq!(state(&b), proto::BuildState::Error, "{b:#?}");
+        assert!(b.error_message.contains("Too many open files"), "{b:#?}");
+        assert_eq!(stored_state(&store, id), Some(proto::BuildState::Building));
+        // Still failing: still not on disk, and the core keeps answering.
+        h.core.handle(Command::Tick(Instant::now()));
+        assert_eq!(stored_state(&store, id), Some(proto::BuildState::Building));
+        assert_eq!(state(&h.build(id)), proto::BuildState::Error);
+        store.fail_writes(false);
+        h.core.handle(Command::Tick(Instant::now()));
+        assert_eq!(stored_state(&store, id), Some(proto::BuildState::Error));
+    }
+    let mut h = Harness::with_store(store);
+    h.core.recover().unwrap();
+    let b = h.build(id);
+    assert_eq!(state(&b), proto::BuildState::Error);
+    assert!(b.error_message.contains("Too many open files"), "{b:#?}");
+}
+
 /// `atoms_override` is kept apart from the build record: not echoed by status reads (which are
 /// made on every poll), yet still sent to the preparing slave after a restart, and forgotten
 /// once the build is final.
