@@ -18,7 +18,7 @@ pub type ClusterClient =
     proto::cluster_client::ClusterClient<InterceptedService<Channel, SecretInterceptor>>;
 
 /// Largest gRPC message the gateway accepts (a build list with many failed atoms is large).
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
+const MAX_MESSAGE_BYTES: usize = ish_core::MAX_MESSAGE_BYTES;
 
 /// The router's shared state. Cheap to clone.
 #[derive(Debug, Clone)]
