@@ -203,6 +203,10 @@ pub async fn b1(scale: Scale) -> anyhow::Result<Vec<Row>> {
     let (build, ours) = run_build(&mut b, dir_request(&project)).await?;
     let (second, warm) = run_build(&mut b, dir_request(&project)).await?;
     c.shutdown().await?;
+    let footprint = Footprint::of(
+        &tmp.0.join("cluster").join("master"),
+        &[build.id, second.id],
+    );
     for build in [&build, &second] {
         if build.completed_atoms as usize != n || build.failed_atom_count != 0 {
             bail!(
@@ -258,7 +262,76 @@ pub async fn b1(scale: Scale) -> anyhow::Result<Vec<Row>> {
             "≤ 1.5",
             Some(warm_ratio <= 1.5),
         ),
+        Row::new(
+            format!("B1 master database per build ({n} atoms, 2 builds)"),
+            format!(
+                "{:.0} KiB ({:.0} B/atom)",
+                footprint.db as f64 / 2.0 / 1024.0,
+                footprint.db as f64 / 2.0 / n as f64
+            ),
+            "",
+            None,
+        ),
+        Row::new(
+            "B1 results per build: atom files / results.zip / results.tar.gz",
+            format!(
+                "{:.0} / {:.0} / {:.0} KiB",
+                footprint.plain as f64 / 2.0 / 1024.0,
+                footprint.zip as f64 / 2.0 / 1024.0,
+                footprint.tar_gz as f64 / 2.0 / 1024.0
+            ),
+            "",
+            None,
+        ),
     ])
+}
+
+/// What a master keeps on disk: its database, and its builds' results (the atoms' own files,
+/// kept for console reads, and the two archives). Each build's console is in all three.
+struct Footprint {
+    db: u64,
+    plain: u64,
+    zip: u64,
+    tar_gz: u64,
+}
+
+impl Footprint {
+    fn of(master_dir: &Path, builds: &[u64]) -> Self {
+        let layout = ish_master::results::ResultsLayout::new(master_dir.join("results"));
+        let mut f = Self {
+            db: tree_bytes(&master_dir.join("db")),
+            plain: 0,
+            zip: 0,
+            tar_gz: 0,
+        };
+        for &id in builds {
+            let dir = layout.build_dir(id);
+            let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+            let (zip, tar_gz) = (
+                size(ish_master::archive::ZIP_NAME),
+                size(ish_master::archive::TAR_GZ_NAME),
+            );
+            f.zip += zip;
+            f.tar_gz += tar_gz;
+            f.plain += tree_bytes(&dir).saturating_sub(zip + tar_gz);
+        }
+        f
+    }
+}
+
+/// Bytes of the regular files under `dir` (0 when it does not exist).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => tree_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// B5: submit → first atom running, warm cache.
