@@ -39,16 +39,24 @@ pub const ARG: &str = "__ish-command-reaper";
 /// The executable commands run under, when this process can provide one.
 static HELPER: OnceLock<PathBuf> = OnceLock::new();
 
+/// Name of the small binary that is only a reaper, looked for next to the running one.
+pub const SMALL_HELPER: &str = "ish-reaper";
+
 /// Call first in `main` of a binary that runs slaves. Started as a reaper (by the slave's
-/// runner), it runs the command and exits; otherwise it records that this binary can be the
-/// reaper of the commands its slaves run.
+/// runner), it runs the command and exits; otherwise it records what the commands of this
+/// process's slaves run under: [`SMALL_HELPER`] when it is installed beside this binary (it
+/// starts faster: every command pays for that start), else this binary itself.
 pub fn main_if_reaper() {
     let mut args = std::env::args_os().skip(1);
     if args.next().as_deref() == Some(OsStr::new(ARG)) {
         std::process::exit(reaper_main(args.collect()));
     }
-    // The running binary itself, even if its file was replaced or deleted since it started.
-    let _ = HELPER.set(PathBuf::from("/proc/self/exe"));
+    let small = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(SMALL_HELPER)))
+        .filter(|p| p.is_file());
+    // Else the running binary itself, even if its file was replaced or deleted since it started.
+    let _ = HELPER.set(small.unwrap_or_else(|| PathBuf::from("/proc/self/exe")));
 }
 
 /// Uses `exe` (a binary that calls [`main_if_reaper`] first) as the reaper, for slaves embedded
