@@ -172,7 +172,11 @@ pub fn write_archive<W: Write>(
             Sink::Tar(tar)
         }
         Format::Zip => {
-            let spill = TempFile::create(results_dir, "zip-directory")?.into_anonymous()?;
+            let spill = Spill {
+                dir: results_dir.to_path_buf(),
+                mem: io::Cursor::new(Vec::new()),
+                file: None,
+            };
             Sink::Zip(ZipStream::new(out, spill, DEFLATE_LEVEL))
         }
     };
@@ -198,6 +202,58 @@ pub fn write_archive<W: Write>(
     match sink {
         Sink::Tar(tar) => tar.into_inner()?.finish()?.finish(),
         Sink::Zip(zip) => zip.finish(),
+    }
+}
+
+/// Central directory bytes a zip keeps in memory before it moves them to a scratch file: about
+/// 80,000 entries. Ordinary downloads then need no disk, so a full disk does not stop them.
+const SPILL_IN_MEMORY: usize = 8 << 20;
+
+/// Where a zip's central directory waits for the archive's end: in memory up to
+/// [`SPILL_IN_MEMORY`], then in a scratch file in the results directory, unlinked at once.
+struct Spill {
+    dir: PathBuf,
+    mem: io::Cursor<Vec<u8>>,
+    file: Option<File>,
+}
+
+impl Write for Spill {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.file.is_none() && self.mem.get_ref().len() + data.len() > SPILL_IN_MEMORY {
+            let mut file = TempFile::create(&self.dir, "zip-directory")?.into_anonymous()?;
+            file.write_all(self.mem.get_ref())?;
+            self.mem = io::Cursor::new(Vec::new());
+            self.file = Some(file);
+        }
+        match &mut self.file {
+            Some(f) => f.write(data),
+            None => self.mem.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.file {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Read for Spill {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.file {
+            Some(f) => f.read(buf),
+            None => self.mem.read(buf),
+        }
+    }
+}
+
+impl io::Seek for Spill {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        match &mut self.file {
+            Some(f) => f.seek(pos),
+            None => self.mem.seek(pos),
+        }
     }
 }
 
@@ -245,7 +301,7 @@ impl<W: Write> Write for FixedChunks<W> {
 /// The archive being written, entry by entry.
 enum Sink<W: Write> {
     Tar(tar::Builder<FixedChunks<flate2::write::GzEncoder<W>>>),
-    Zip(ZipStream<W>),
+    Zip(ZipStream<W, Spill>),
 }
 
 impl<W: Write> Sink<W> {
@@ -1091,6 +1147,33 @@ mod tests {
                 "zzz",
             ]
         );
+    }
+
+    /// A central directory too large for memory moves to an unlinked scratch file, whole.
+    #[test]
+    fn a_large_spill_moves_to_a_scratch_file_whole() {
+        use std::io::Seek;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut spill = Spill {
+            dir: tmp.path().to_path_buf(),
+            mem: io::Cursor::new(Vec::new()),
+            file: None,
+        };
+        let data: Vec<u8> = (0..SPILL_IN_MEMORY as u32 + 300_000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        for c in data.chunks(100_000) {
+            spill.write_all(c).expect("write");
+        }
+        assert!(spill.file.is_some(), "still in memory");
+        assert!(
+            top_level_names(tmp.path()).is_empty(),
+            "scratch file left a name"
+        );
+        spill.seek(io::SeekFrom::Start(0)).expect("seek");
+        let mut back = Vec::new();
+        spill.read_to_end(&mut back).expect("read");
+        assert!(back == data, "spill changed the bytes");
     }
 
     /// The bytes do not depend on how the data reaches the compressor: chunks of any size

@@ -583,6 +583,114 @@ mod tests {
         );
     }
 
+    fn zip_entries(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+        use std::io::Read;
+        let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+        (0..z.len())
+            .map(|i| {
+                let mut e = z.by_index(i).unwrap();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (e.name().unwrap().to_string(), data)
+            })
+            .collect()
+    }
+
+    /// The archives are measured by the same writer that serves downloads, so a download is
+    /// exactly the archive measured; a redo after a crash (here: the sizes never written, an
+    /// older master's half-written archive left behind) measures the same archives again and
+    /// leaves every atom file in place.
+    #[test]
+    fn downloads_are_the_measured_archives_and_a_redo_changes_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("5");
+        let atom0 = dir.join("artifact_0_0");
+        std::fs::create_dir_all(atom0.join("out")).unwrap();
+        let console: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("{i}\n").into_bytes())
+            .collect();
+        std::fs::write(atom0.join(CONSOLE_FILE), &console).unwrap();
+        std::fs::write(atom0.join("out/r.txt"), b"report").unwrap();
+        let atoms = [
+            ArchivedAtom {
+                subjob: 0,
+                atom: 0,
+                command_string: "export X=\"1\";".into(),
+                exit_code: 0,
+                seconds: 1.254,
+            },
+            ArchivedAtom {
+                subjob: 0,
+                atom: 1,
+                command_string: "export X=\"2\";".into(),
+                exit_code: 3,
+                seconds: 0.5,
+            },
+        ];
+        let failures = vec!["artifact_0_1".to_string()];
+        let sizes = prepare_archives(&dir, "make", &atoms, &failures).unwrap();
+        let mut served = Vec::new();
+        for kind in [ArchiveKind::Zip, ArchiveKind::TarGz] {
+            let bytes = write_archive(&dir, kind, Vec::new()).unwrap();
+            let mut crc = flate2::Crc::new();
+            crc.update(&bytes);
+            assert_eq!(
+                sizes.of(kind),
+                ArchiveStat {
+                    size: bytes.len() as u64,
+                    crc: crc.sum()
+                },
+                "{kind:?}"
+            );
+            served.push(bytes);
+        }
+        let names: Vec<(String, Vec<u8>)> = zip_entries(&served[0]);
+        let command = |s: &str| format!("{}\n", jobconfig::atom_command(s, "make")).into_bytes();
+        let want: Vec<(String, Vec<u8>)> = vec![
+            (
+                "artifact_0_0/clusterrunner_command".into(),
+                command("export X=\"1\";"),
+            ),
+            (
+                "artifact_0_0/clusterrunner_console_output".into(),
+                console.clone(),
+            ),
+            (
+                "artifact_0_0/clusterrunner_exit_code".into(),
+                b"0\n".to_vec(),
+            ),
+            ("artifact_0_0/clusterrunner_time".into(), b"1.25\n".to_vec()),
+            ("artifact_0_0/out/r.txt".into(), b"report".to_vec()),
+            (
+                "artifact_0_1/clusterrunner_command".into(),
+                command("export X=\"2\";"),
+            ),
+            (
+                "artifact_0_1/clusterrunner_console_output".into(),
+                Vec::new(),
+            ),
+            (
+                "artifact_0_1/clusterrunner_exit_code".into(),
+                b"3\n".to_vec(),
+            ),
+            ("artifact_0_1/clusterrunner_time".into(), b"0.50\n".to_vec()),
+            ("failures.txt".into(), b"artifact_0_1".to_vec()),
+        ];
+        assert_eq!(names, want);
+
+        // A crash before the sizes were stored: no archives; the redo finds what it needs.
+        std::fs::remove_file(dir.join(ARCHIVE_SIZES)).unwrap();
+        assert_eq!(ArchiveSizes::read(&dir).unwrap(), None);
+        std::fs::write(dir.join(archive::ZIP_NAME), b"half an old archive").unwrap();
+        let again = prepare_archives(&dir, "make", &atoms, &failures).unwrap();
+        assert_eq!(again, sizes);
+        assert_eq!(ArchiveSizes::read(&dir).unwrap(), Some(sizes));
+        assert!(!dir.join(archive::ZIP_NAME).exists());
+        assert_eq!(std::fs::read(atom0.join(CONSOLE_FILE)).unwrap(), console);
+        assert!(write_archive(&dir, ArchiveKind::Zip, Vec::new()).unwrap() == served[0]);
+        assert!(write_archive(&dir, ArchiveKind::TarGz, Vec::new()).unwrap() == served[1]);
+    }
+
     /// A whole upload: the manifest goes, everything else stays as it came.
     #[test]
     fn promotion_of_a_whole_upload_only_drops_the_manifest() {
