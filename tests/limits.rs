@@ -515,3 +515,119 @@ async fn build_records_hold_parameters_not_bodies_and_every_listing_pages() {
     drop(b);
     c.stop();
 }
+
+/// Range of an archive download: `length` bytes from `offset` (0: to the end).
+async fn download_range(
+    b: &mut ish_cli::local::BuildsClient,
+    id: u64,
+    format: proto::ArchiveFormat,
+    offset: u64,
+    length: u64,
+) -> (u64, Vec<u8>) {
+    use tokio_stream::StreamExt;
+    let mut s = b
+        .download_artifacts(proto::DownloadArtifactsRequest {
+            build_id: id,
+            format: format as i32,
+            offset,
+            length,
+            size_only: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut total, mut out) = (0, Vec::new());
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.unwrap();
+        total = chunk.total_size;
+        out.extend_from_slice(&chunk.data);
+    }
+    (total, out)
+}
+
+/// A large console and artifact are kept once: a build whose atom prints 20 MB and leaves a
+/// 4 MB artifact keeps little more than those 24 MB under its results directory (before: the
+/// plain files plus a deflated copy in results.zip and another in results.tar.gz, ~60 MB),
+/// and nothing is lost: both archives hold exactly what they held, every download of one is
+/// the same bytes, a range of it is that range of the whole, and console pages still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_console_is_stored_once_and_every_archive_is_whole() {
+    let c = Cluster::start(1, 1).await;
+    // 15 MB of random bytes in base64: 20.2 MB of text that deflate shrinks to ~15 MB.
+    let project = project_with(
+        "J:\n  commands: ['head -c 15000000 /dev/urandom | base64 && head -c 4000000 /dev/urandom > $ARTIFACT_DIR/blob.bin']\n  atomizers: [{T: 'seq 1 1'}]\n",
+    );
+    let (mut b, _) = c.clients().await;
+    let id = submit(&mut b, dir_request(project.path())).await;
+    let build = wait_final(&mut b, id).await;
+    assert_eq!(
+        build.result,
+        proto::BuildResult::NoFailures as i32,
+        "{build:#?}\n{}",
+        c.logs()
+    );
+    let results = c.dir.path().join("master/results").join(id.to_string());
+    let atom = results.join("artifact_0_0");
+    let console = std::fs::read(atom.join("clusterrunner_console_output")).unwrap();
+    let blob = std::fs::read(atom.join("blob.bin")).unwrap();
+    assert!(console.len() > 20_000_000, "{}", console.len());
+    assert_eq!(blob.len(), 4_000_000);
+    let kept = dir_bytes(&results);
+    let payload = (console.len() + blob.len()) as u64;
+    println!(
+        "results of a build with a {:.1} MB console and a {:.1} MB artifact: {:.1} MB on disk ({:.2}x)",
+        console.len() as f64 / 1e6,
+        blob.len() as f64 / 1e6,
+        kept as f64 / 1e6,
+        kept as f64 / payload as f64
+    );
+    assert!(
+        kept < payload + payload / 20,
+        "{kept} bytes kept for {payload} bytes of console and artifact"
+    );
+
+    // Nothing lost: the archives' contents, exactly.
+    let text = String::from_utf8(console.clone()).unwrap();
+    check_archives(&mut b, id, |_| AtomExpect {
+        console: text.clone(),
+        exit_code: 0,
+        files: vec![("blob.bin".into(), blob.clone())],
+    })
+    .await;
+    for format in [proto::ArchiveFormat::Zip, proto::ArchiveFormat::TarGz] {
+        let whole = download(&mut b, id, format).await;
+        assert!(
+            download(&mut b, id, format).await == whole,
+            "{format:?}: two downloads differ"
+        );
+        let (total, _) = download_range(&mut b, id, format, 0, 1).await;
+        assert_eq!(total, whole.len() as u64, "{format:?}: announced size");
+        let n = whole.len() as u64;
+        for (offset, length) in [(0, 1000), (n / 3, 300_000), (n - 5000, 0), (n - 1, 1)] {
+            let (_, part) = download_range(&mut b, id, format, offset, length).await;
+            let end = if length == 0 { n } else { offset + length };
+            assert!(
+                part == whole[offset as usize..end as usize],
+                "{format:?}: bytes {offset}..{end} are not those of the whole archive"
+            );
+        }
+    }
+
+    // Console pages read from the one copy.
+    let sj = subjobs(&mut b, id).await.remove(0);
+    let page = b
+        .get_console(proto::GetConsoleRequest {
+            build_id: id,
+            subjob_id: sj.id,
+            atom_id: sj.atoms[0].id,
+            max_lines: 3,
+            offset_line: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let tail: Vec<&str> = text.lines().rev().take(3).collect();
+    let want: String = tail.iter().rev().map(|l| format!("{l}\n")).collect();
+    assert_eq!(page.content, want);
+    c.stop();
+}

@@ -1,12 +1,15 @@
 //! The build result archives, in ClusterRunner's exact layout (spec §11.1).
 //!
 //! A finished build's results directory holds one `artifact_<s>_<a>/` directory
-//! per atom, an optional `failures.txt`, and two archives of exactly those:
+//! per atom and an optional `failures.txt`; its two archives hold exactly those:
 //! `results.tar.gz` (members `./`, `./artifact_0_0/`, …, `./failures.txt`) and
 //! `results.zip` (file entries only: `artifact_0_0/clusterrunner_command`, …,
 //! `failures.txt`). Clients and tests compare archive contents exactly, so
-//! nothing else in the directory (staging dirs, timing files, older archives)
-//! may leak into them.
+//! nothing else in the directory (staging dirs, the archive index, older
+//! archives) may leak into them.
+//!
+//! The archives are not kept: [`write_archive`] is deterministic, so the master
+//! writes each one again, byte for byte, for every download (see `results`).
 //!
 //! Choices where the original is unspecified or not reproducible:
 //! * Entry order: artifact directories in the order the caller gives, each one
@@ -26,7 +29,7 @@
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,7 +44,7 @@ pub const FAILURES_NAME: &str = "failures.txt";
 
 /// Prefix of every atom's artifact directory name.
 const ARTIFACT_DIR_PREFIX: &str = "artifact_";
-/// Prefix of in-progress archive files; never a valid artifact directory name.
+/// Prefix of in-progress files; never a valid artifact directory name.
 const TEMP_PREFIX: &str = ".tmp-";
 /// Unix time of 1980-01-01T00:00:00Z, the zip format's earliest timestamp.
 const FIXED_MTIME: u64 = 315_532_800;
@@ -85,33 +88,26 @@ fn parse_artifact_dir_name(name: &str) -> Option<(u64, u64)> {
     Some((number(subjob)?, number(atom)?))
 }
 
-/// Writes `failures.txt` (if `failures` is non-empty), `results.tar.gz` and
-/// `results.zip` into `results_dir`.
-///
-/// * `artifact_dirs`: names of the atom directories directly inside
-///   `results_dir`, in archive order (see [`sort_artifact_dirs`]). Each must be
-///   a single plain path component, unique, and not one of the archive or
-///   failures file names. A listed directory that does not exist, or is not a
-///   directory, is skipped.
-/// * `failures`: `failures.txt` becomes these names joined by `\n` with no
-///   trailing newline, in the given order; a name must not contain `\n`. When
-///   `failures` is empty, a `failures.txt` left from an earlier call is
-///   removed so the directory matches the archives.
-///
-/// Every file is first written under a temporary name in `results_dir` and
-/// then renamed into place, so a reader sees either the previous complete
-/// file or the new complete file, never a partial one. The tar archive is
-/// written before the zip, as in the original.
-pub fn write_archives(
-    results_dir: &Path,
-    artifact_dirs: &[String],
-    failures: &[String],
-) -> io::Result<()> {
-    let dirs = artifact_dirs.iter().map(|name| ArtifactDir {
-        name: name.clone(),
-        generated: Vec::new(),
-    });
-    write_archives_from(results_dir, dirs, failures)
+/// Writes `failures.txt` into `results_dir`: `failures` joined by `\n` with no trailing
+/// newline, in the given order (a name must not contain `\n`). When `failures` is empty, a
+/// `failures.txt` left from an earlier call is removed so the directory matches the archives.
+/// The file is written under a temporary name, fsynced and renamed into place, so a reader
+/// sees either the previous complete file or the new one.
+pub fn write_failures(results_dir: &Path, failures: &[String]) -> io::Result<()> {
+    if let Some(bad) = failures.iter().find(|f| f.contains('\n')) {
+        return Err(invalid_input(format!(
+            "failure name {bad:?} contains a newline"
+        )));
+    }
+    if failures.is_empty() {
+        return match fs::remove_file(results_dir.join(FAILURES_NAME)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let mut t = TempFile::create(results_dir, FAILURES_NAME)?;
+    t.file.write_all(failures.join("\n").as_bytes())?;
+    t.persist(FAILURES_NAME)
 }
 
 /// One artifact directory of the archives: what is on disk under `results_dir/<name>` (if
@@ -126,168 +122,175 @@ pub struct ArtifactDir {
     pub generated: Vec<(String, Vec<u8>)>,
 }
 
-/// [`write_archives`] with generated files (see [`ArtifactDir`]), streamed: each directory is
-/// listed and written to both archives before the next is looked at, and the zip's central
-/// directory waits in a scratch file, so memory does not grow with the number of atoms.
-/// Everything is written under temporary names and renamed into place only once all is
-/// written: a bad name or an I/O error leaves the previous files as they were.
-pub fn write_archives_from(
+/// Which archive [`write_archive`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `results.zip`: file entries only.
+    Zip,
+    /// `results.tar.gz`: `./`, every directory, every file.
+    TarGz,
+}
+
+/// Writes one archive of `results_dir` to `out`, streamed: each artifact directory is listed
+/// and written before the next is looked at, and the zip's central directory waits in a
+/// scratch file (created in `results_dir` and unlinked at once), so memory does not grow with
+/// the number of atoms.
+///
+/// * `artifact_dirs`: the atom directories directly inside `results_dir`, in archive order
+///   (see [`sort_artifact_dirs`]). Each name must be a single plain path component, unique,
+///   and not one of the names this module uses. A listed directory that does not exist, or is
+///   not a directory, contributes only its generated files. An `Err` item stops the archive.
+/// * `failures`: a file archived last as `failures.txt`, if any.
+///
+/// The same tree, directory list and library versions always give the same bytes: metadata
+/// is fixed (see the module comment), files are read in full buffers, and the gzip
+/// compressor is fed fixed-size chunks, so neither short reads nor write sizes upstream can
+/// change how deflate splits its input. This is what lets the master keep no archive at all
+/// and write it again for each download (see `results::prepare_archives`).
+pub fn write_archive<W: Write>(
     results_dir: &Path,
-    artifact_dirs: impl IntoIterator<Item = ArtifactDir>,
-    failures: &[String],
-) -> io::Result<()> {
-    if let Some(bad) = failures.iter().find(|f| f.contains('\n')) {
-        return Err(invalid_input(format!(
-            "failure name {bad:?} contains a newline"
-        )));
-    }
-    let failures_tmp = if failures.is_empty() {
-        None
-    } else {
-        let mut t = TempFile::create(results_dir, FAILURES_NAME)?;
-        t.file.write_all(failures.join("\n").as_bytes())?;
-        t.file.sync_all()?;
-        Some(t)
-    };
+    format: Format,
+    artifact_dirs: impl IntoIterator<Item = io::Result<ArtifactDir>>,
+    failures: Option<&Path>,
+    out: W,
+) -> io::Result<W> {
     // The results directory itself is the caller's path, so it may be reached via a symlink.
     let root_mode = permission_bits(&fs::metadata(results_dir)?, true);
-    let tar_tmp = TempFile::create(results_dir, TAR_GZ_NAME)?;
-    let zip_tmp = TempFile::create(results_dir, ZIP_NAME)?;
-    // Unlinked at once: the zip's central directory until it is copied to the archive's end.
-    let spill = TempFile::create(results_dir, "zip-directory")?.into_anonymous()?;
-
-    let gz = GzPipe::start(tar_tmp.file.try_clone()?)?;
-    let mut out = Archives {
-        tar: tar::Builder::new(gz),
-        zip: ZipStream::new(
-            BufWriter::new(zip_tmp.file.try_clone()?),
-            spill,
-            DEFLATE_LEVEL,
-        ),
+    let mut sink = match format {
+        Format::TarGz => {
+            // GzBuilder's defaults (mtime 0, no file name) keep the header reproducible.
+            let gz = flate2::GzBuilder::new().write(out, flate2::Compression::new(DEFLATE_LEVEL));
+            let mut tar = tar::Builder::new(FixedChunks::new(gz));
+            append_tar(
+                &mut tar,
+                b"./",
+                tar::EntryType::Directory,
+                root_mode,
+                0,
+                io::empty(),
+            )?;
+            Sink::Tar(tar)
+        }
+        Format::Zip => {
+            let spill = Spill {
+                dir: results_dir.to_path_buf(),
+                mem: io::Cursor::new(Vec::new()),
+                file: None,
+            };
+            Sink::Zip(ZipStream::new(out, spill, DEFLATE_LEVEL))
+        }
     };
-    append_tar(
-        &mut out.tar,
-        b"./",
-        tar::EntryType::Directory,
-        root_mode,
-        0,
-        io::empty(),
-    )?;
     let mut seen = HashSet::new();
     let mut entries = Vec::new();
     for dir in artifact_dirs {
+        let dir = dir?;
         check_artifact_dir(&dir.name, &mut seen)?;
         entries.clear();
         collect_artifact_dir(results_dir, &dir, &mut entries)?;
         for entry in &entries {
-            out.append(entry)?;
+            sink.append(entry)?;
         }
     }
-    if let Some(t) = &failures_tmp {
-        let meta = fs::symlink_metadata(&t.path)?;
-        out.append(&Entry::file(
+    if let Some(path) = failures {
+        let meta = fs::symlink_metadata(path)?;
+        sink.append(&Entry::file(
             FAILURES_NAME.as_bytes().to_vec(),
-            t.path.clone(),
+            path.to_path_buf(),
             &meta,
         ))?;
     }
-    out.tar.into_inner()?.finish()?;
-    out.zip
-        .finish()?
-        .into_inner()
-        .map_err(io::IntoInnerError::into_error)?;
-
-    // Every file complete: now replace the old ones (the tar before the zip, as the original).
-    match failures_tmp {
-        Some(t) => t.persist(FAILURES_NAME)?,
-        None => match fs::remove_file(results_dir.join(FAILURES_NAME)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        },
+    match sink {
+        Sink::Tar(tar) => tar.into_inner()?.finish()?.finish(),
+        Sink::Zip(zip) => zip.finish(),
     }
-    tar_tmp.persist(TAR_GZ_NAME)?;
-    zip_tmp.persist(ZIP_NAME)
 }
 
-/// The tar stream's way to its gzip file: compressed on a thread of its own, so gzip (the
-/// larger share of writing the archives) runs beside listing the files and writing the zip.
-/// Chunks go through a bounded channel: memory stays at a few chunks whatever the archive size.
-struct GzPipe {
-    buf: Vec<u8>,
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
-    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+/// Central directory bytes a zip keeps in memory before it moves them to a scratch file: about
+/// 80,000 entries. Ordinary downloads then need no disk, so a full disk does not stop them.
+const SPILL_IN_MEMORY: usize = 8 << 20;
+
+/// Where a zip's central directory waits for the archive's end: in memory up to
+/// [`SPILL_IN_MEMORY`], then in a scratch file in the results directory, unlinked at once.
+struct Spill {
+    dir: PathBuf,
+    mem: io::Cursor<Vec<u8>>,
+    file: Option<File>,
 }
 
-/// Bytes per chunk sent to the gzip thread.
+impl Write for Spill {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.file.is_none() && self.mem.get_ref().len() + data.len() > SPILL_IN_MEMORY {
+            let mut file = TempFile::create(&self.dir, "zip-directory")?.into_anonymous()?;
+            file.write_all(self.mem.get_ref())?;
+            self.mem = io::Cursor::new(Vec::new());
+            self.file = Some(file);
+        }
+        match &mut self.file {
+            Some(f) => f.write(data),
+            None => self.mem.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.file {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Read for Spill {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.file {
+            Some(f) => f.read(buf),
+            None => self.mem.read(buf),
+        }
+    }
+}
+
+impl io::Seek for Spill {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        match &mut self.file {
+            Some(f) => f.seek(pos),
+            None => self.mem.seek(pos),
+        }
+    }
+}
+
+/// Bytes per chunk given to the gzip compressor.
 const GZ_CHUNK: usize = 256 * 1024;
 
-impl GzPipe {
-    fn start(file: File) -> io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let thread = std::thread::Builder::new()
-            .name("ish-gzip".into())
-            .spawn(move || {
-                // GzBuilder's defaults (mtime 0, no file name) keep the header reproducible.
-                let mut gz = flate2::GzBuilder::new().write(
-                    BufWriter::new(file),
-                    flate2::Compression::new(DEFLATE_LEVEL),
-                );
-                for chunk in rx {
-                    gz.write_all(&chunk)?;
-                }
-                gz.finish()?
-                    .into_inner()
-                    .map_err(io::IntoInnerError::into_error)?
-                    .flush()
-            })?;
-        Ok(Self {
+/// Hands its writer exactly [`GZ_CHUNK`] bytes per write (the last one excepted), whatever the
+/// sizes written to it: the compressed bytes then depend on the data alone.
+struct FixedChunks<W: Write> {
+    buf: Vec<u8>,
+    inner: W,
+}
+
+impl<W: Write> FixedChunks<W> {
+    fn new(inner: W) -> Self {
+        Self {
             buf: Vec::with_capacity(GZ_CHUNK),
-            tx: Some(tx),
-            thread: Some(thread),
-        })
+            inner,
+        }
     }
 
-    fn send_buf(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(GZ_CHUNK));
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
-        if sent {
-            return Ok(());
-        }
-        // The thread stopped on an error (disk full...): that error is the one to report.
-        self.tx = None;
-        Err(self
-            .join()
-            .err()
-            .unwrap_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "gzip writer stopped")))
-    }
-
-    /// Sends the rest, ends the stream and waits for the file to be written.
-    fn finish(mut self) -> io::Result<()> {
-        let sent = self.send_buf();
-        self.tx = None;
-        let written = self.join();
-        written.and(sent)
-    }
-
-    fn join(&mut self) -> io::Result<()> {
-        match self.thread.take().map(std::thread::JoinHandle::join) {
-            None => Ok(()),
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(io::Error::other("gzip writer panicked")),
-        }
+    /// Writes what is left and returns the writer.
+    fn finish(mut self) -> io::Result<W> {
+        self.inner.write_all(&self.buf)?;
+        Ok(self.inner)
     }
 }
 
-impl Write for GzPipe {
+impl<W: Write> Write for FixedChunks<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= GZ_CHUNK {
-            self.send_buf()?;
+        let take = data.len().min(GZ_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..take]);
+        if self.buf.len() == GZ_CHUNK {
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
         }
-        Ok(data.len())
+        Ok(take)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -295,72 +298,75 @@ impl Write for GzPipe {
     }
 }
 
-impl Drop for GzPipe {
-    /// An archive abandoned midway (an error elsewhere) still stops its thread before the
-    /// temporary files are removed.
-    fn drop(&mut self) {
-        self.tx = None;
-        let _ = self.join();
+/// The archive being written, entry by entry.
+enum Sink<W: Write> {
+    Tar(tar::Builder<FixedChunks<flate2::write::GzEncoder<W>>>),
+    Zip(ZipStream<W, Spill>),
+}
+
+impl<W: Write> Sink<W> {
+    /// Adds one entry (the zip holds files only, as the original's).
+    fn append(&mut self, entry: &Entry) -> io::Result<()> {
+        match self {
+            Self::Tar(tar) => append_tar_entry(tar, entry),
+            Self::Zip(zip) => match (entry.kind, &entry.content) {
+                (Kind::Dir, _) => Ok(()),
+                (Kind::File, Some(content)) => zip.add_file(
+                    &entry.rel,
+                    entry.mode,
+                    content.len() as u64,
+                    content.as_slice(),
+                ),
+                (Kind::File, None) => {
+                    // The size seen first: a file that grows is cut there, one that shrinks
+                    // is an error (see ExactReader).
+                    let (file, len) = open_file(entry)?;
+                    zip.add_file(
+                        &entry.rel,
+                        entry.mode,
+                        len,
+                        ExactReader::new(file, len, &entry.path),
+                    )
+                }
+            },
+        }
     }
 }
 
-/// The two archives being written, entry by entry.
-struct Archives {
-    tar: tar::Builder<GzPipe>,
-    zip: ZipStream<BufWriter<File>>,
-}
-
-impl Archives {
-    /// Adds one entry to both archives (the zip holds files only, as the original's).
-    fn append(&mut self, entry: &Entry) -> io::Result<()> {
-        let mut name = b"./".to_vec();
-        name.extend_from_slice(&entry.rel);
-        match (entry.kind, &entry.content) {
-            (Kind::Dir, _) => {
-                // Directory members end in '/', as Python's tarfile writes them.
-                name.push(b'/');
-                append_tar(
-                    &mut self.tar,
-                    &name,
-                    tar::EntryType::Directory,
-                    entry.mode,
-                    0,
-                    io::empty(),
-                )
-            }
-            (Kind::File, Some(content)) => {
-                let len = content.len() as u64;
-                append_tar(
-                    &mut self.tar,
-                    &name,
-                    tar::EntryType::Regular,
-                    entry.mode,
-                    len,
-                    content.as_slice(),
-                )?;
-                self.zip
-                    .add_file(&entry.rel, entry.mode, len, content.as_slice())
-            }
-            (Kind::File, None) => {
-                // Both archives get the size seen first: a file that grows is cut there, one
-                // that shrinks is an error (see ExactReader).
-                let (file, len) = open_file(entry)?;
-                append_tar(
-                    &mut self.tar,
-                    &name,
-                    tar::EntryType::Regular,
-                    entry.mode,
-                    len,
-                    ExactReader::new(file, len, &entry.path),
-                )?;
-                let (file, _) = open_file(entry)?;
-                self.zip.add_file(
-                    &entry.rel,
-                    entry.mode,
-                    len,
-                    ExactReader::new(file, len, &entry.path),
-                )
-            }
+fn append_tar_entry<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> io::Result<()> {
+    let mut name = b"./".to_vec();
+    name.extend_from_slice(&entry.rel);
+    match (entry.kind, &entry.content) {
+        (Kind::Dir, _) => {
+            // Directory members end in '/', as Python's tarfile writes them.
+            name.push(b'/');
+            append_tar(
+                tar,
+                &name,
+                tar::EntryType::Directory,
+                entry.mode,
+                0,
+                io::empty(),
+            )
+        }
+        (Kind::File, Some(content)) => append_tar(
+            tar,
+            &name,
+            tar::EntryType::Regular,
+            entry.mode,
+            content.len() as u64,
+            content.as_slice(),
+        ),
+        (Kind::File, None) => {
+            let (file, len) = open_file(entry)?;
+            append_tar(
+                tar,
+                &name,
+                tar::EntryType::Regular,
+                entry.mode,
+                len,
+                ExactReader::new(file, len, &entry.path),
+            )
         }
     }
 }
@@ -375,7 +381,8 @@ fn check_artifact_dir(name: &str, seen: &mut HashSet<String>) -> io::Result<()> 
     let plain_component =
         !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
     let reserved =
-        [TAR_GZ_NAME, ZIP_NAME, FAILURES_NAME].contains(&name) || name.starts_with(TEMP_PREFIX);
+        // Dot names: temporary files and the master's archive index (see `results`).
+        [TAR_GZ_NAME, ZIP_NAME, FAILURES_NAME].contains(&name) || name.starts_with('.');
     if !plain_component || reserved {
         return Err(invalid_input(format!(
             "{name:?} is not a valid artifact directory name"
@@ -646,7 +653,17 @@ impl Read for ExactReader<'_> {
             return Ok(0);
         }
         let max = usize::try_from(self.remaining).map_or(buf.len(), |r| r.min(buf.len()));
-        let n = self.inner.read(&mut buf[..max])?;
+        // The buffer is filled whole (a short read from the file system is read on), so the
+        // chunks a compressor sees depend on the data alone: archives are reproducible.
+        let mut n = 0;
+        while n < max {
+            match self.inner.read(&mut buf[n..max]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -663,14 +680,14 @@ impl Read for ExactReader<'_> {
 
 /// A file written under a unique temporary name in its final directory (so the rename into
 /// place is atomic), removed unless it is persisted.
-struct TempFile {
+pub(crate) struct TempFile {
     path: PathBuf,
-    file: File,
+    pub(crate) file: File,
     persisted: bool,
 }
 
 impl TempFile {
-    fn create(dir: &Path, final_name: &str) -> io::Result<Self> {
+    pub(crate) fn create(dir: &Path, final_name: &str) -> io::Result<Self> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!(
@@ -690,7 +707,7 @@ impl TempFile {
     }
 
     /// Fsyncs (a crash must not leave a renamed but empty file) and renames into place.
-    fn persist(mut self, final_name: &str) -> io::Result<()> {
+    pub(crate) fn persist(mut self, final_name: &str) -> io::Result<()> {
         self.file.sync_all()?;
         fs::rename(&self.path, self.path.with_file_name(final_name))?;
         self.persisted = true;
@@ -757,6 +774,31 @@ fn append_tar<W: Write>(
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    /// Writes failures.txt and both archives into `root` (as the master once kept them), or
+    /// nothing at all when the input is refused.
+    fn write_archives(root: &Path, dirs: &[String], failures: &[String]) -> io::Result<()> {
+        if failures.iter().any(|f| f.contains('\n')) {
+            return write_failures(root, failures);
+        }
+        let scratch = tempfile::tempdir()?;
+        let failures_file = scratch.path().join(FAILURES_NAME);
+        fs::write(&failures_file, failures.join("\n"))?;
+        let failures_file = (!failures.is_empty()).then_some(failures_file.as_path());
+        let list = || {
+            dirs.iter().map(|name| {
+                Ok(ArtifactDir {
+                    name: name.clone(),
+                    generated: Vec::new(),
+                })
+            })
+        };
+        let tar = write_archive(root, Format::TarGz, list(), failures_file, Vec::new())?;
+        let zip = write_archive(root, Format::Zip, list(), failures_file, Vec::new())?;
+        write_failures(root, failures)?;
+        fs::write(root.join(TAR_GZ_NAME), tar)?;
+        fs::write(root.join(ZIP_NAME), zip)
+    }
 
     const LONG_DIR: &str =
         "a_rather_long_directory_name_that_pushes_the_member_path_over_one_hundred_bytes";
@@ -1107,18 +1149,51 @@ mod tests {
         );
     }
 
-    /// The gzip thread's own error (here: a full disk) is what the writer reports.
+    /// A central directory too large for memory moves to an unlinked scratch file, whole.
     #[test]
-    fn the_gzip_thread_reports_its_write_error() {
-        let full = File::options().write(true).open("/dev/full").unwrap();
-        let mut gz = GzPipe::start(full).unwrap();
-        let noise: Vec<u8> = (0..4u32 << 20)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+    fn a_large_spill_moves_to_a_scratch_file_whole() {
+        use std::io::Seek;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut spill = Spill {
+            dir: tmp.path().to_path_buf(),
+            mem: io::Cursor::new(Vec::new()),
+            file: None,
+        };
+        let data: Vec<u8> = (0..SPILL_IN_MEMORY as u32 + 300_000)
+            .map(|i| (i % 251) as u8)
             .collect();
-        let err = gz
-            .write_all(&noise)
-            .and_then(|()| gz.finish())
-            .expect_err("/dev/full takes nothing");
-        assert_eq!(err.raw_os_error(), Some(28), "{err}");
+        for c in data.chunks(100_000) {
+            spill.write_all(c).expect("write");
+        }
+        assert!(spill.file.is_some(), "still in memory");
+        assert!(
+            top_level_names(tmp.path()).is_empty(),
+            "scratch file left a name"
+        );
+        spill.seek(io::SeekFrom::Start(0)).expect("seek");
+        let mut back = Vec::new();
+        spill.read_to_end(&mut back).expect("read");
+        assert!(back == data, "spill changed the bytes");
+    }
+
+    /// The bytes do not depend on how the data reaches the compressor: chunks of any size
+    /// give the same gzip stream.
+    #[test]
+    fn the_gzip_stream_depends_on_the_data_alone() {
+        let data: Vec<u8> = (0..3u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 & 0x3f)
+            .collect();
+        let gz = |step: usize| {
+            let enc = flate2::GzBuilder::new().write(Vec::new(), flate2::Compression::new(6));
+            let mut w = FixedChunks::new(enc);
+            for c in data.chunks(step) {
+                w.write_all(c).unwrap();
+            }
+            w.finish().unwrap().finish().unwrap()
+        };
+        let whole = gz(data.len());
+        for step in [1 << 10, 7_777, 300_001] {
+            assert!(gz(step) == whole, "chunks of {step} changed the bytes");
+        }
     }
 }

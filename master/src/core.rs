@@ -15,9 +15,7 @@
 //! one attempt.
 use crate::error::{MasterError, Result};
 use crate::metrics::{self, Metrics};
-use crate::results::{
-    ArchiveKind, ArchivedAtom, CONSOLE_FILE, ResultsJob, ResultsLayout, TimingHistory,
-};
+use crate::results::{ArchivedAtom, CONSOLE_FILE, ResultsJob, ResultsLayout, TimingHistory};
 use crate::store::Store;
 use ish_core::proto::{self, master_message::Msg as Down, slave_message::Msg as Up};
 use ish_core::state::{BuildEvent, BuildState};
@@ -97,8 +95,8 @@ pub enum Command {
         /// Answer.
         reply: Reply<ConsoleLocation>,
     },
-    /// Path of a finished build's archive.
-    Archive(u64, ArchiveKind, Reply<PathBuf>),
+    /// Results directory of a finished build whose archives are ready.
+    Archive(u64, Reply<PathBuf>),
     /// Connected slaves.
     ListSlaves(Reply<proto::ListSlavesResponse>),
     /// Drain slaves.
@@ -1210,10 +1208,10 @@ impl Core {
             } => {
                 let _ = reply.send(self.console(build, subjob, atom));
             }
-            Command::Archive(id, kind, reply) => {
+            Command::Archive(id, reply) => {
                 let r = match self.builds.get(&id) {
                     None => Err(unknown_build(id)),
-                    Some(b) if b.artifacts_ready => Ok(self.layout.archive(id, kind)),
+                    Some(b) if b.artifacts_ready => Ok(self.layout.build_dir(id)),
                     Some(b) => Err(MasterError::FailedPrecondition(format!(
                         "Build {id} has no artifacts yet (state {:?}).",
                         b.state

@@ -3,7 +3,7 @@
 use crate::actor::MasterHandle;
 use crate::core::{Command, ConsoleLocation, UploadGrant};
 use crate::error::MasterError;
-use crate::results::ArchiveKind;
+use crate::results::{self, ArchiveKind, ArchiveSource};
 use ish_core::proto::{self, slave_message::Msg as Up};
 use ish_core::{console, paths};
 use std::collections::HashMap;
@@ -594,18 +594,31 @@ impl proto::builds_server::Builds for BuildsService {
             proto::ArchiveFormat::TarGz => ArchiveKind::TarGz,
             _ => ArchiveKind::Zip,
         };
-        let path = self
+        let dir = self
             .handle
-            .call(|r| Command::Archive(q.build_id, kind, r))
+            .call(|r| Command::Archive(q.build_id, r))
             .await?;
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| Status::from(MasterError::io("opening archive", e)))?;
-        let total_size = file
-            .metadata()
-            .await
-            .map_err(|e| Status::from(MasterError::io("reading archive", e)))?
-            .len();
+        let source = tokio::task::spawn_blocking(move || {
+            results::archive_source(&dir, kind).map(|s| (dir, s))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::from(MasterError::io("reading the archive index", e)))?;
+        let (dir, source) = source;
+        let (file, total_size, crc) = match source {
+            ArchiveSource::Generated(stat) => (None, stat.size, stat.crc),
+            ArchiveSource::Stored(path) => {
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| Status::from(MasterError::io("opening archive", e)))?;
+                let size = file
+                    .metadata()
+                    .await
+                    .map_err(|e| Status::from(MasterError::io("reading archive", e)))?
+                    .len();
+                (Some(file), size, 0)
+            }
+        };
         if q.offset > total_size {
             return Err(Status::out_of_range(format!(
                 "offset {} is past the end ({total_size})",
@@ -622,14 +635,27 @@ impl proto::builds_server::Builds for BuildsService {
                 .await;
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
-        file.seek(std::io::SeekFrom::Start(q.offset))
-            .await
-            .map_err(|e| Status::from(MasterError::io("reading archive", e)))?;
         let mut left = if q.length == 0 {
             total_size - q.offset
         } else {
             q.length.min(total_size - q.offset)
         };
+        let Some(mut file) = file else {
+            let sink = RangeSink {
+                skip: q.offset,
+                left,
+                total_size,
+                written: 0,
+                crc: flate2::Crc::new(),
+                buf: Vec::with_capacity(DOWNLOAD_CHUNK),
+                tx,
+            };
+            tokio::task::spawn_blocking(move || sink.run(&dir, kind, crc));
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        };
+        file.seek(std::io::SeekFrom::Start(q.offset))
+            .await
+            .map_err(|e| Status::from(MasterError::io("reading archive", e)))?;
         tokio::spawn(async move {
             let mut buf = vec![0u8; DOWNLOAD_CHUNK];
             while left > 0 {
@@ -656,6 +682,107 @@ impl proto::builds_server::Builds for BuildsService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The download of one byte range of an archive written again for it: the bytes before the
+/// range are counted and dropped, those in it go out in `DOWNLOAD_CHUNK` messages, and the
+/// writing stops once the range is sent (a writer error ends the archive writer early). When
+/// the whole archive was written, its size and CRC-32 must be those measured at archive time,
+/// or the last chunk is replaced by an error: a client never takes a changed archive for the
+/// one it was promised (a results file changed on disk, or a new deflate library).
+struct RangeSink {
+    skip: u64,
+    left: u64,
+    total_size: u64,
+    written: u64,
+    crc: flate2::Crc,
+    buf: Vec<u8>,
+    tx: mpsc::Sender<Result<proto::DataChunk, Status>>,
+}
+
+/// The writer error that ends an archive once the range is sent.
+#[derive(Debug)]
+struct RangeSent;
+
+impl std::fmt::Display for RangeSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("range sent")
+    }
+}
+
+impl std::error::Error for RangeSent {}
+
+impl RangeSink {
+    fn send(&mut self) -> std::io::Result<()> {
+        let chunk = proto::DataChunk {
+            data: std::mem::replace(&mut self.buf, Vec::with_capacity(DOWNLOAD_CHUNK)),
+            total_size: self.total_size,
+        };
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))
+    }
+
+    fn run(self, dir: &std::path::Path, kind: ArchiveKind, crc: u32) {
+        let tx = self.tx.clone();
+        let fail = |msg: String| {
+            let _ = tx.blocking_send(Err(Status::internal(msg)));
+        };
+        match results::write_archive(dir, kind, self) {
+            Ok(mut sink) => {
+                if sink.written != sink.total_size || sink.crc.sum() != crc {
+                    tracing::error!(
+                        written = sink.written,
+                        expected = sink.total_size,
+                        "an archive written again differs from the one measured"
+                    );
+                    fail(format!(
+                        "the archive written again ({} bytes) differs from the one measured when the build finished ({} bytes): its results changed on disk",
+                        sink.written, sink.total_size
+                    ));
+                    return;
+                }
+                if !sink.buf.is_empty() {
+                    let _ = sink.send();
+                }
+            }
+            Err(e) if e.get_ref().is_some_and(|r| r.is::<RangeSent>()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => {
+                tracing::error!(error = %e, "could not write an archive for a download");
+                fail(format!("could not write the archive: {e}"));
+            }
+        }
+    }
+}
+
+impl std::io::Write for RangeSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let skipped = usize::try_from(self.skip).map_or(data.len(), |s| s.min(data.len()));
+        self.skip -= skipped as u64;
+        let rest = &data[skipped..];
+        if !rest.is_empty() && self.left == 0 {
+            // Past the range: send what is held and stop the writer.
+            if !self.buf.is_empty() {
+                self.send()?;
+            }
+            return Err(std::io::Error::other(RangeSent));
+        }
+        let take = usize::try_from(self.left).map_or(rest.len(), |l| l.min(rest.len()));
+        self.buf.extend_from_slice(&rest[..take]);
+        self.left -= take as u64;
+        self.written += data.len() as u64;
+        self.crc.update(data);
+        // The last chunk waits for the check at the end of the archive (see `run`).
+        if self.buf.len() >= DOWNLOAD_CHUNK && (self.left > 0 || take < rest.len()) {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -76,10 +76,10 @@ const S_IFREG: u32 = 0o100_000;
 ///
 /// After any error the archive is incomplete: later calls fail too and the output must be
 /// discarded.
-pub struct ZipStream<W: Write> {
+pub struct ZipStream<W: Write, S: Read + Write + Seek = File> {
     out: Counted<W>,
     /// Central directory records, in entry order, until `finish` copies them to `out`.
-    spill: BufWriter<File>,
+    spill: BufWriter<S>,
     spill_len: u64,
     entries: u64,
     /// One deflate state for all entries: allocating it per entry would dominate the cost of
@@ -120,12 +120,12 @@ impl Entry {
     }
 }
 
-impl<W: Write> ZipStream<W> {
-    /// `out` receives the archive; `spill` is a scratch file (e.g. tempfile in the same dir,
+impl<W: Write, S: Read + Write + Seek> ZipStream<W, S> {
+    /// `out` receives the archive; `spill` is scratch space (e.g. a tempfile in the same dir,
     /// already opened read+write, empty) that holds the central directory until `finish`.
     ///
     /// `level` is the deflate level, 0-9 as in `flate2::Compression`.
-    pub fn new(out: W, spill: File, level: u32) -> Self {
+    pub fn new(out: W, spill: S, level: u32) -> Self {
         Self {
             out: Counted { inner: out, pos: 0 },
             spill: BufWriter::with_capacity(CHUNK, spill),
@@ -349,7 +349,7 @@ impl<W: Write> ZipStream<W> {
     }
 }
 
-impl<W: Write> fmt::Debug for ZipStream<W> {
+impl<W: Write, S: Read + Write + Seek> fmt::Debug for ZipStream<W, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZipStream")
             .field("entries", &self.entries)
