@@ -301,12 +301,20 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
 #[derive(Debug, Clone)]
 pub struct BuildsService {
     handle: MasterHandle,
+    /// Archives being written for downloads at once: each deflates a whole archive on a thread,
+    /// so more than the cores would only slow them all (and the rest of the master) down. Others
+    /// wait their turn.
+    archive_writers: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl BuildsService {
     /// A service over the core behind `handle`.
     pub fn new(handle: MasterHandle) -> Self {
-        Self { handle }
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        Self {
+            handle,
+            archive_writers: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
+        }
     }
 }
 
@@ -650,7 +658,13 @@ impl proto::builds_server::Builds for BuildsService {
                 buf: Vec::with_capacity(DOWNLOAD_CHUNK),
                 tx,
             };
-            tokio::task::spawn_blocking(move || sink.run(&dir, kind, crc));
+            let writers = self.archive_writers.clone();
+            tokio::spawn(async move {
+                let Ok(_turn) = writers.acquire_owned().await else {
+                    return;
+                };
+                let _ = tokio::task::spawn_blocking(move || sink.run(&dir, kind, crc)).await;
+            });
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         };
         file.seek(std::io::SeekFrom::Start(q.offset))
