@@ -1,8 +1,9 @@
-//! The master's gRPC services. Thin: each call becomes a [`Command`] to the core; the only work
+//! The master's gRPC services. Thin: each call becomes a typed call on the engine's [`MasterHandle`]; the only work
 //! done here is moving bytes (console chunks and artifact uploads to disk, downloads from disk).
 use crate::actor::MasterHandle;
-use crate::core::{Command, ConsoleLocation, UploadGrant};
+use crate::command::{ConsoleLocation, UploadGrant};
 use crate::error::MasterError;
+use crate::ids::{AtomRef, AttemptId, BuildId, SlaveId};
 use crate::results::{self, ArchiveKind, ArchiveSource};
 use ish_core::proto::{self, slave_message::Msg as Up};
 use ish_core::{console, paths};
@@ -51,7 +52,7 @@ impl ConsoleFiles {
     async fn append(
         &mut self,
         handle: &MasterHandle,
-        slave: u64,
+        slave: SlaveId,
         c: proto::ConsoleChunk,
     ) -> Result<(), MasterError> {
         let key = (c.attempt, c.atom_id);
@@ -59,14 +60,11 @@ impl ConsoleFiles {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let path = handle
-                    .call(|reply| Command::UploadTarget {
+                    .upload_target(
                         slave,
-                        build: c.build_id,
-                        subjob: c.subjob_id,
-                        atom: c.atom_id,
-                        attempt: c.attempt,
-                        reply,
-                    })
+                        AtomRef::new(c.build_id, c.subjob_id, c.atom_id),
+                        AttemptId(c.attempt),
+                    )
                     .await?
                     .live_console;
                 if let Some(dir) = path.parent() {
@@ -201,10 +199,7 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
             }
         };
         let (tx, rx) = mpsc::channel(self.queue_capacity);
-        let sid = self
-            .handle
-            .call(|reply| Command::SlaveConnected(reg, tx, reply))
-            .await?;
+        let sid = self.handle.slave_connected(reg, tx).await?;
         let handle = self.handle.clone();
         let console_cap = self.max_atom_bytes;
         tokio::spawn(async move {
@@ -218,14 +213,14 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
                     Ok(Some(_)) => continue,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::info!(slave = sid, error = %e, "slave stream failed");
+                        tracing::info!(slave = sid.0, error = %e, "slave stream failed");
                         break;
                     }
                 };
                 let forward = match msg {
                     Up::Console(c) => {
                         if let Err(e) = consoles.append(&handle, sid, c).await {
-                            tracing::debug!(slave = sid, error = %e, "console chunk dropped");
+                            tracing::debug!(slave = sid.0, error = %e, "console chunk dropped");
                         }
                         None
                     }
@@ -236,12 +231,12 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
                     other => Some(other),
                 };
                 if let Some(m) = forward
-                    && handle.tell(Command::FromSlave(sid, m)).await.is_err()
+                    && handle.from_slave(sid, m).await.is_err()
                 {
                     break;
                 }
             }
-            let _ = handle.tell(Command::SlaveDisconnected(sid)).await;
+            let _ = handle.slave_disconnected(sid).await;
         });
         let out = ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
@@ -267,21 +262,18 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
         };
         let grant = self
             .handle
-            .call(|reply| Command::UploadTarget {
-                slave: header.slave_id,
-                build: header.build_id,
-                subjob: header.subjob_id,
-                atom: header.atom_id,
-                attempt: header.attempt,
-                reply,
-            })
+            .upload_target(
+                SlaveId(header.slave_id),
+                AtomRef::new(header.build_id, header.subjob_id, header.atom_id),
+                AttemptId(header.attempt),
+            )
             .await?;
         let mut receipt = proto::UploadReceipt::default();
         let result = self.store_upload(&mut inbound, &grant, &mut receipt).await;
         // What reached the disk counts against the build's budget, even when the upload failed.
         let _ = self
             .handle
-            .tell(Command::ArtifactBytes(header.build_id, receipt.bytes))
+            .artifact_bytes(BuildId(header.build_id), receipt.bytes)
             .await;
         if let Err(status) = &result
             && status.message().contains(DISK_FULL)
@@ -289,7 +281,7 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
             let msg = format!("Could not store artifacts: {}", status.message());
             let _ = self
                 .handle
-                .tell(Command::ResultsFailed(header.build_id, msg))
+                .results_failed(BuildId(header.build_id), msg)
                 .await;
         }
         result?;
@@ -394,7 +386,7 @@ impl proto::builds_server::Builds for BuildsService {
             .into_inner()
             .request
             .ok_or_else(|| Status::invalid_argument("request is required"))?;
-        let build_id = self.handle.call(|r| Command::Submit(req, r)).await?;
+        let build_id = self.handle.submit(req).await?.0;
         Ok(Response::new(proto::SubmitBuildResponse { build_id }))
     }
 
@@ -403,9 +395,7 @@ impl proto::builds_server::Builds for BuildsService {
         request: Request<proto::GetBuildRequest>,
     ) -> Result<Response<proto::Build>, Status> {
         let id = request.into_inner().build_id;
-        Ok(Response::new(
-            self.handle.call(|r| Command::GetBuild(id, r)).await?,
-        ))
+        Ok(Response::new(self.handle.get_build(BuildId(id)).await?))
     }
 
     async fn list(
@@ -415,12 +405,7 @@ impl proto::builds_server::Builds for BuildsService {
         let q = request.into_inner();
         let resp = self
             .handle
-            .call(|reply| Command::ListBuilds {
-                offset: q.offset,
-                limit: q.limit,
-                unfinished_only: q.unfinished_only,
-                reply,
-            })
+            .list_builds(q.offset, q.limit, q.unfinished_only)
             .await?;
         Ok(Response::new(resp))
     }
@@ -430,9 +415,7 @@ impl proto::builds_server::Builds for BuildsService {
         request: Request<proto::CancelBuildRequest>,
     ) -> Result<Response<proto::Build>, Status> {
         let id = request.into_inner().build_id;
-        Ok(Response::new(
-            self.handle.call(|r| Command::Cancel(id, r)).await?,
-        ))
+        Ok(Response::new(self.handle.cancel(BuildId(id)).await?))
     }
 
     async fn list_subjobs(
@@ -442,12 +425,7 @@ impl proto::builds_server::Builds for BuildsService {
         let q = request.into_inner();
         let resp = self
             .handle
-            .call(|reply| Command::ListSubjobs {
-                build: q.build_id,
-                offset: q.offset,
-                limit: q.limit,
-                reply,
-            })
+            .list_subjobs(BuildId(q.build_id), q.offset, q.limit)
             .await?;
         Ok(Response::new(resp))
     }
@@ -517,12 +495,7 @@ impl proto::builds_server::Builds for BuildsService {
                 };
                 let _ = tokio::time::timeout(std::time::Duration::from_millis(200), wait).await;
                 match handle
-                    .call(|reply| Command::Console {
-                        build: q.build_id,
-                        subjob: q.subjob_id,
-                        atom: q.atom_id,
-                        reply,
-                    })
+                    .console(AtomRef::new(q.build_id, q.subjob_id, q.atom_id))
                     .await
                 {
                     // The atom completed: its file moved from the attempt dir; continue there.
@@ -545,7 +518,7 @@ impl proto::builds_server::Builds for BuildsService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let id = request.into_inner().build_id;
         let mut changes = self.handle.subscribe();
-        let first = self.handle.call(|r| Command::GetBuild(id, r)).await?;
+        let first = self.handle.get_build(BuildId(id)).await?;
         let handle = self.handle.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -579,7 +552,7 @@ impl proto::builds_server::Builds for BuildsService {
                         Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
                     }
                 }
-                match handle.call(|r| Command::GetBuild(id, r)).await {
+                match handle.get_build(BuildId(id)).await {
                     Ok(b) => build = b,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
@@ -602,10 +575,7 @@ impl proto::builds_server::Builds for BuildsService {
             proto::ArchiveFormat::TarGz => ArchiveKind::TarGz,
             _ => ArchiveKind::Zip,
         };
-        let dir = self
-            .handle
-            .call(|r| Command::Archive(q.build_id, r))
-            .await?;
+        let dir = self.handle.archive_dir(BuildId(q.build_id)).await?;
         let source = tokio::task::spawn_blocking(move || {
             results::archive_source(&dir, kind).map(|s| (dir, s))
         })
@@ -809,12 +779,7 @@ impl BuildsService {
     ) -> Result<ConsoleLocation, Status> {
         Ok(self
             .handle
-            .call(|reply| Command::Console {
-                build,
-                subjob,
-                atom,
-                reply,
-            })
+            .console(AtomRef::new(build, subjob, atom))
             .await?)
     }
 }
@@ -845,7 +810,7 @@ impl proto::cluster_server::Cluster for ClusterService {
         &self,
         _request: Request<proto::ListSlavesRequest>,
     ) -> Result<Response<proto::ListSlavesResponse>, Status> {
-        Ok(Response::new(self.handle.call(Command::ListSlaves).await?))
+        Ok(Response::new(self.handle.list_slaves().await?))
     }
 
     async fn drain_slaves(
@@ -853,14 +818,14 @@ impl proto::cluster_server::Cluster for ClusterService {
         request: Request<proto::DrainSlavesRequest>,
     ) -> Result<Response<proto::DrainSlavesResponse>, Status> {
         let q = request.into_inner();
+        let ids = q.slave_ids.into_iter().map(SlaveId).collect();
         let slave_ids = self
             .handle
-            .call(|reply| Command::Drain {
-                ids: q.slave_ids,
-                all: q.all,
-                reply,
-            })
-            .await?;
+            .drain(ids, q.all)
+            .await?
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
         Ok(Response::new(proto::DrainSlavesResponse { slave_ids }))
     }
 
@@ -871,11 +836,7 @@ impl proto::cluster_server::Cluster for ClusterService {
         let q = request.into_inner();
         let events = self
             .handle
-            .call(|reply| Command::ListEvents {
-                since_id: q.since_id,
-                since_timestamp: q.since_timestamp,
-                reply,
-            })
+            .list_events(q.since_id, q.since_timestamp)
             .await?;
         Ok(Response::new(proto::ListEventsResponse { events }))
     }
@@ -884,7 +845,7 @@ impl proto::cluster_server::Cluster for ClusterService {
         &self,
         _request: Request<proto::MetricsRequest>,
     ) -> Result<Response<proto::MetricsResponse>, Status> {
-        let text = self.handle.call(Command::Metrics).await?;
+        let text = self.handle.metrics().await?;
         Ok(Response::new(proto::MetricsResponse { text }))
     }
 }

@@ -13,10 +13,13 @@
 //! `<data_dir>/results/<build>/`. On start the core reloads every build and resumes unfinished ones.
 pub mod actor;
 pub mod archive;
+pub mod clock;
+pub mod command;
 pub mod config;
-pub mod core;
+pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod ids;
 pub mod listener;
 pub mod metrics;
 pub mod results;
@@ -50,7 +53,7 @@ pub async fn serve(
 ) -> Result<(), MasterError> {
     let store = store::Store::open(&cfg.data_dir.join("db"))?;
     let layout = results::ResultsLayout::new(cfg.data_dir.join("results"));
-    let core_cfg = core::CoreConfig {
+    let core_cfg = engine::CoreConfig {
         heartbeat_interval: Duration::from_millis(cfg.heartbeat_interval_ms),
         heartbeat_timeout: Duration::from_millis(cfg.heartbeat_timeout_ms),
         max_setup_failures: cfg.max_setup_failures,
@@ -62,7 +65,7 @@ pub async fn serve(
         default_atom_timeout_s: cfg.default_atom_timeout_s,
         default_build_timeout_s: cfg.default_build_timeout_s,
     };
-    let (handle, _actor) = actor::start(core_cfg, store.clone(), layout)?;
+    let (handle, _actor) = actor::start(core_cfg, clock::system(), store.clone(), layout)?;
     let check = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
         ish_core::auth::check_metadata(&secret, req.metadata())?;
         Ok(req)

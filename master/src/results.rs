@@ -25,6 +25,8 @@
 //! All changes go through one ordered queue ([`ResultsJob`]) so an archive is only written after
 //! every promotion queued before it, without any lock.
 use crate::archive;
+use crate::command::{Command, Internal};
+use crate::ids::BuildId;
 use ish_core::jobconfig;
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
@@ -371,7 +373,7 @@ pub enum ResultsJob {
 pub async fn run(
     layout: ResultsLayout,
     mut rx: mpsc::UnboundedReceiver<ResultsJob>,
-    failures: mpsc::WeakSender<crate::core::Command>,
+    failures: mpsc::WeakSender<Command>,
 ) {
     while let Some(job) = rx.recv().await {
         let layout = layout.clone();
@@ -396,7 +398,7 @@ pub async fn run(
                                 archive::artifact_dir_name(subjob, atom)
                             );
                             let _ = tx
-                                .send(crate::core::Command::ResultsFailed(build, msg))
+                                .send(Internal::ResultsFailed(BuildId(build), msg).into())
                                 .await;
                         }
                     }

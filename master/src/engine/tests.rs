@@ -1,9 +1,29 @@
 //! Scheduler tests with channel-backed fake slaves: no network, no processes.
 use super::*;
+use crate::clock::ManualClock;
+use crate::command::{ClientCall, Internal, Reply, SlaveEvent};
+use crate::error::Result;
+use crate::ids::{AtomRef, BuildId, SlaveId};
+use crate::results::CONSOLE_FILE;
+use ish_core::proto::slave_message::Msg as Up;
 use proto::master_message::Msg as D;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// A slave's message as its session passes it on.
+fn from_slave(sid: u64, msg: Up) -> Command {
+    SlaveEvent::Message(SlaveId(sid), msg).into()
+}
+
+/// The actor's periodic tick.
+fn tick() -> Command {
+    Internal::Tick.into()
+}
 
 struct Harness {
     core: Core,
+    /// The core's clock: tests move it instead of sleeping.
+    clock: Arc<ManualClock>,
     results: mpsc::UnboundedReceiver<ResultsJob>,
     cmds: mpsc::Receiver<Command>,
     _cmd_tx: mpsc::Sender<Command>,
@@ -86,8 +106,10 @@ impl Harness {
         let (results_tx, results) = mpsc::unbounded_channel();
         let (changes, _) = broadcast::channel(1024);
         let (cmd_tx, cmds) = mpsc::channel(1024);
+        let clock = ManualClock::new();
         let core = Core::new(
             CoreConfig::default(),
+            clock.clone(),
             store,
             ResultsLayout::new(dir.path().to_path_buf()),
             results_tx,
@@ -96,6 +118,7 @@ impl Harness {
         );
         Self {
             core,
+            clock,
             results,
             cmds,
             _cmd_tx: cmd_tx,
@@ -103,9 +126,9 @@ impl Harness {
         }
     }
 
-    fn call<T>(&mut self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+    fn call<T, C: Into<Command>>(&mut self, make: impl FnOnce(Reply<T>) -> C) -> Result<T> {
         let (tx, mut rx) = oneshot::channel();
-        self.core.handle(make(tx));
+        self.core.handle(make(tx).into());
         rx.try_recv().expect("core answers synchronously")
     }
 
@@ -116,7 +139,7 @@ impl Harness {
             executors,
             ..Default::default()
         };
-        let id = self.call(|r| Command::SlaveConnected(reg, tx, r)).unwrap();
+        let id = self.call(|r| SlaveEvent::Connected(reg, tx, r)).unwrap().0;
         let mut s = FakeSlave { id, rx };
         assert!(matches!(s.next(), Some(D::Registered(_))));
         s
@@ -126,10 +149,11 @@ impl Harness {
     /// like the actor would).
     async fn submit(&mut self, req: proto::BuildRequest) -> u64 {
         let (tx, mut rx) = oneshot::channel();
-        self.core.handle(Command::Submit(req, tx));
+        self.core
+            .handle(ClientCall::Submit(Box::new(req), tx).into());
         loop {
             if let Ok(r) = rx.try_recv() {
-                return r.unwrap();
+                return r.unwrap().0;
             }
             self.pump().await;
         }
@@ -145,11 +169,11 @@ impl Harness {
     }
 
     fn build(&mut self, id: u64) -> proto::Build {
-        self.call(|r| Command::GetBuild(id, r)).unwrap()
+        self.call(|r| ClientCall::GetBuild(BuildId(id), r)).unwrap()
     }
 
     fn from(&mut self, s: &FakeSlave, msg: Up) {
-        self.core.handle(Command::FromSlave(s.id, msg));
+        self.core.handle(from_slave(s.id, msg));
     }
 
     /// Reports a preparation and waits (like the actor) for the flush that makes its grouping
@@ -171,7 +195,7 @@ impl Harness {
         job: proto::JobConfig,
         atoms: Vec<String>,
     ) {
-        self.core.handle(Command::FromSlave(
+        self.core.handle(from_slave(
             sid,
             Up::Prepared(proto::PrepareResult {
                 build_id: build,
@@ -261,8 +285,8 @@ impl Harness {
 
     /// Every subjob of a build, with its atoms.
     fn subjobs(&mut self, id: u64) -> Vec<proto::Subjob> {
-        self.call(|reply| Command::ListSubjobs {
-            build: id,
+        self.call(|reply| ClientCall::ListSubjobs {
+            build: BuildId(id),
             offset: 0,
             limit: 0,
             reply,
@@ -317,7 +341,10 @@ impl Harness {
                 .await
                 .expect("archive completion")
                 .unwrap();
-            written += usize::from(matches!(cmd, Command::ArchivesWritten(..)));
+            written += usize::from(matches!(
+                cmd,
+                Command::Internal(Internal::ArchivesWritten(..))
+            ));
             self.core.handle(cmd);
         }
         archives
@@ -420,7 +447,7 @@ async fn max_executors_and_per_slave_caps_hold() {
         if matches!(s.next(), Some(D::Setup(_))) {
             setups += 1;
             let sid = s.id;
-            h.core.handle(Command::FromSlave(
+            h.core.handle(from_slave(
                 sid,
                 Up::Setup(proto::SetupResult {
                     build_id: id,
@@ -479,7 +506,8 @@ async fn a_lost_slave_requeues_only_unreported_atoms_and_late_results_are_ignore
         }),
     );
     let mut b = h.slave("b", 1);
-    h.core.handle(Command::SlaveDisconnected(a.id));
+    h.core
+        .handle(SlaveEvent::Disconnected(SlaveId(a.id)).into());
     // b gets set up and receives the remaining subjob only.
     assert!(matches!(b.next(), Some(D::Setup(_))));
     h.setup_ok(&b, id);
@@ -490,7 +518,7 @@ async fn a_lost_slave_requeues_only_unreported_atoms_and_late_results_are_ignore
         "the reported subjob is complete and not re-run"
     );
     // A late result from the lost slave's attempt changes nothing.
-    h.core.handle(Command::FromSlave(
+    h.core.handle(from_slave(
         a.id,
         Up::AtomResult(proto::AtomResult {
             build_id: id,
@@ -550,7 +578,8 @@ async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
         }),
     );
     let mut b = h.slave("b", 1);
-    h.core.handle(Command::SlaveDisconnected(a.id));
+    h.core
+        .handle(SlaveEvent::Disconnected(SlaveId(a.id)).into());
     assert!(matches!(b.next(), Some(D::Setup(_))));
     h.setup_ok(&b, id);
     let rb = run_subjobs(&b.all()).pop().unwrap();
@@ -572,7 +601,7 @@ async fn cancel_kills_running_work_and_tears_down() {
     h.setup_ok(&s, id);
     let runs = run_subjobs(&s.all());
     assert_eq!(runs.len(), 2);
-    let b = h.call(|r| Command::Cancel(id, r)).unwrap();
+    let b = h.call(|r| ClientCall::Cancel(BuildId(id), r)).unwrap();
     assert_eq!(state(&b), proto::BuildState::Canceled);
     assert_eq!(b.result, proto::BuildResult::Failure as i32);
     let msgs = s.all();
@@ -580,7 +609,7 @@ async fn cancel_kills_running_work_and_tears_down() {
     assert!(matches!(msgs[1], D::Teardown(_)), "{msgs:?}");
     assert_eq!(msgs.len(), 2);
     // Canceling again is a no-op.
-    let again = h.call(|r| Command::Cancel(id, r)).unwrap();
+    let again = h.call(|r| ClientCall::Cancel(BuildId(id), r)).unwrap();
     assert_eq!(state(&again), proto::BuildState::Canceled);
     assert!(s.all().is_empty());
     // While the killed subjobs are out, their atoms show as running.
@@ -647,7 +676,7 @@ async fn cancel_while_preparing() {
     let mut s = h.slave("s", 1);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
-    h.call(|r| Command::Cancel(id, r)).unwrap();
+    h.call(|r| ClientCall::Cancel(BuildId(id), r)).unwrap();
     assert!(matches!(s.next(), Some(D::Cancel(_))));
     // The preparation's answer arrives anyway: ignored, and the workspace is torn down.
     h.from(
@@ -711,7 +740,7 @@ async fn setup_failure_on_one_slave_moves_work_to_another() {
     // Both get set up (2 subjobs, 1 executor each).
     assert!(matches!(p.next(), Some(D::Setup(_))));
     assert!(matches!(q.next(), Some(D::Setup(_))));
-    h.core.handle(Command::FromSlave(
+    h.core.handle(from_slave(
         pid,
         Up::Setup(proto::SetupResult {
             build_id: id,
@@ -721,7 +750,7 @@ async fn setup_failure_on_one_slave_moves_work_to_another() {
     ));
     assert!(matches!(p.next(), Some(D::Teardown(_))));
     let qid = q.id;
-    h.core.handle(Command::FromSlave(
+    h.core.handle(from_slave(
         qid,
         Up::Setup(proto::SetupResult {
             build_id: id,
@@ -738,7 +767,7 @@ async fn setup_failure_on_one_slave_moves_work_to_another() {
         }
         for r in runs {
             total += 1;
-            h.core.handle(Command::FromSlave(
+            h.core.handle(from_slave(
                 qid,
                 Up::AtomResult(proto::AtomResult {
                     build_id: id,
@@ -751,7 +780,7 @@ async fn setup_failure_on_one_slave_moves_work_to_another() {
                     ..Default::default()
                 }),
             ));
-            h.core.handle(Command::FromSlave(
+            h.core.handle(from_slave(
                 qid,
                 Up::SubjobDone(proto::SubjobDone {
                     build_id: id,
@@ -777,8 +806,8 @@ async fn the_second_build_is_grouped_by_recorded_times() {
         assert!(matches!(s.next(), Some(D::Prepare(_))));
         h.prepared(&s, id, cr_job(2, 0), atoms(10)).await;
         let subjobs = h
-            .call(|reply| Command::ListSubjobs {
-                build: id,
+            .call(|reply| ClientCall::ListSubjobs {
+                build: BuildId(id),
                 offset: 0,
                 limit: 0,
                 reply,
@@ -903,7 +932,9 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
         ),
     ];
     for (req, needle) in cases {
-        let err = h.call(|r| Command::Submit(req, r)).unwrap_err();
+        let err = h
+            .call(|r| ClientCall::Submit(Box::new(req), r))
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(
             err.to_string().contains(needle),
@@ -911,7 +942,7 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
         );
     }
     let list = h
-        .call(|reply| Command::ListBuilds {
+        .call(|reply| ClientCall::ListBuilds {
             offset: 0,
             limit: 0,
             unfinished_only: false,
@@ -928,11 +959,11 @@ async fn a_silent_slave_is_lost_after_the_heartbeat_deadline() {
     let mut s = h.slave("s", 1);
     let id = h.submit(dir_request(CONFIG)).await;
     assert!(matches!(s.next(), Some(D::Prepare(_))));
-    h.core.handle(Command::Tick(Instant::now()));
-    assert_eq!(h.call(Command::ListSlaves).unwrap().slaves.len(), 1);
-    h.core
-        .handle(Command::Tick(Instant::now() + Duration::from_secs(60)));
-    assert!(h.call(Command::ListSlaves).unwrap().slaves.is_empty());
+    h.core.handle(tick());
+    assert_eq!(h.call(ClientCall::ListSlaves).unwrap().slaves.len(), 1);
+    h.clock.advance(Duration::from_secs(60));
+    h.core.handle(tick());
+    assert!(h.call(ClientCall::ListSlaves).unwrap().slaves.is_empty());
     // Its preparation went back to the queue.
     assert_eq!(state(&h.build(id)), proto::BuildState::Queued);
 }
@@ -961,8 +992,8 @@ async fn builds_resume_after_a_restart() {
     let mut s = h.slave("s", 1);
     // Within the resume grace nothing is dispatched: the slave that ran it may still report it.
     assert!(s.next().is_none());
-    h.core
-        .handle(Command::Tick(Instant::now() + Duration::from_secs(6)));
+    h.clock.advance(Duration::from_secs(6));
+    h.core.handle(tick());
     assert!(matches!(s.next(), Some(D::Setup(_))));
     h.setup_ok(&s, id);
     let runs = run_subjobs(&s.all());
@@ -1005,11 +1036,11 @@ async fn a_storage_error_fails_the_build_and_its_final_state_reaches_the_disk() 
         assert!(b.error_message.contains("Too many open files"), "{b:#?}");
         assert_eq!(stored_state(&store, id), Some(proto::BuildState::Building));
         // Still failing: still not on disk, and the core keeps answering.
-        h.core.handle(Command::Tick(Instant::now()));
+        h.core.handle(tick());
         assert_eq!(stored_state(&store, id), Some(proto::BuildState::Building));
         assert_eq!(state(&h.build(id)), proto::BuildState::Error);
         store.fail_writes(false);
-        h.core.handle(Command::Tick(Instant::now()));
+        h.core.handle(tick());
         assert_eq!(stored_state(&store, id), Some(proto::BuildState::Error));
     }
     let mut h = Harness::with_store(store);
@@ -1043,7 +1074,7 @@ async fn atoms_override_survives_a_restart_but_is_not_echoed() {
         other => panic!("expected Prepare, got {other:?}"),
     }
     assert_eq!(store.atoms_override(id).unwrap(), atoms(3));
-    h.call(|r| Command::Cancel(id, r)).unwrap();
+    h.call(|r| ClientCall::Cancel(BuildId(id), r)).unwrap();
     assert!(store.atoms_override(id).unwrap().is_empty());
 }
 
@@ -1109,15 +1140,15 @@ async fn a_restarted_master_adopts_work_a_slave_kept_running() {
         }],
         ..Default::default()
     };
-    let sid = h.call(|r| Command::SlaveConnected(reg, tx, r)).unwrap();
+    let sid = h.call(|r| SlaveEvent::Connected(reg, tx, r)).unwrap().0;
     let mut s = FakeSlave { id: sid, rx };
     assert!(matches!(s.next(), Some(D::Registered(_))));
     // The third subjob waits for the grace; nothing is set up again.
     assert!(s.next().is_none(), "adopted work is not dispatched again");
     let b = h.build(id);
     assert_eq!((b.completed_atoms, b.completed_subjobs), (1, 1));
-    h.core
-        .handle(Command::Tick(Instant::now() + Duration::from_secs(6)));
+    h.clock.advance(Duration::from_secs(6));
+    h.core.handle(tick());
     let third = run_subjobs(&s.all());
     assert_eq!(
         third.len(),
@@ -1135,8 +1166,8 @@ async fn a_restarted_master_adopts_work_a_slave_kept_running() {
     assert_eq!(state(&b), proto::BuildState::Finished);
     assert_eq!(b.completed_atoms, 3);
     let subjobs = h
-        .call(|reply| Command::ListSubjobs {
-            build: id,
+        .call(|reply| ClientCall::ListSubjobs {
+            build: BuildId(id),
             offset: 0,
             limit: 0,
             reply,
@@ -1185,7 +1216,7 @@ async fn unwanted_reported_work_is_dropped() {
         ],
         ..Default::default()
     };
-    let sid = h.call(|rp| Command::SlaveConnected(reg, tx, rp)).unwrap();
+    let sid = h.call(|rp| SlaveEvent::Connected(reg, tx, rp)).unwrap().0;
     let mut b = FakeSlave { id: sid, rx };
     let msgs = b.all();
     assert!(
@@ -1205,19 +1236,19 @@ async fn a_draining_slave_gets_no_new_work() {
     let mut h = Harness::new();
     let mut s = h.slave("s", 2);
     let ids = h
-        .call(|reply| Command::Drain {
-            ids: vec![s.id],
+        .call(|reply| ClientCall::Drain {
+            ids: vec![SlaveId(s.id)],
             all: false,
             reply,
         })
         .unwrap();
-    assert_eq!(ids, [s.id]);
+    assert_eq!(ids, [SlaveId(s.id)]);
     assert!(matches!(s.next(), Some(D::Drain(_))));
     h.submit(dir_request(CONFIG)).await;
     assert!(s.next().is_none());
     let err = h
-        .call(|reply| Command::Drain {
-            ids: vec![99],
+        .call(|reply| ClientCall::Drain {
+            ids: vec![SlaveId(99)],
             all: false,
             reply,
         })
@@ -1264,7 +1295,8 @@ async fn lost_subjobs_are_retried_up_to_the_budget() {
         let id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
         h.prepared(&s, id, job(0, 0), atoms(1)).await;
-        h.core.handle(Command::SlaveDisconnected(s.id));
+        h.core
+            .handle(SlaveEvent::Disconnected(SlaveId(s.id)).into());
         id
     };
     for i in 1..=5 {
@@ -1272,7 +1304,8 @@ async fn lost_subjobs_are_retried_up_to_the_budget() {
         assert!(matches!(s.next(), Some(D::Setup(_))), "try {i}");
         h.setup_ok(&s, id);
         assert_eq!(run_subjobs(&s.all()).len(), 1, "try {i}");
-        h.core.handle(Command::SlaveDisconnected(s.id));
+        h.core
+            .handle(SlaveEvent::Disconnected(SlaveId(s.id)).into());
     }
     let b = h.build(id);
     assert_eq!(state(&b), proto::BuildState::Error);
@@ -1357,41 +1390,26 @@ async fn a_final_build_is_evicted_and_still_answers_from_the_store() {
     let answers = |h: &mut Harness| {
         let b = h.build(id);
         let all = h
-            .call(|reply| Command::ListSubjobs {
-                build: id,
+            .call(|reply| ClientCall::ListSubjobs {
+                build: BuildId(id),
                 offset: 0,
                 limit: 0,
                 reply,
             })
             .unwrap();
         let page = h
-            .call(|reply| Command::ListSubjobs {
-                build: id,
+            .call(|reply| ClientCall::ListSubjobs {
+                build: BuildId(id),
                 offset: 1,
                 limit: 1,
                 reply,
             })
             .unwrap();
         let console = h
-            .call(|reply| Command::Console {
-                build: id,
-                subjob: 2,
-                atom: 0,
-                reply,
-            })
+            .call(|reply| ClientCall::Console(AtomRef::new(id, 2, 0), reply))
             .unwrap();
-        let bad_subjob = h.call(|reply| Command::Console {
-            build: id,
-            subjob: 3,
-            atom: 0,
-            reply,
-        });
-        let bad_atom = h.call(|reply| Command::Console {
-            build: id,
-            subjob: 0,
-            atom: 1,
-            reply,
-        });
+        let bad_subjob = h.call(|reply| ClientCall::Console(AtomRef::new(id, 3, 0), reply));
+        let bad_atom = h.call(|reply| ClientCall::Console(AtomRef::new(id, 0, 1), reply));
         assert!(matches!(bad_subjob, Err(MasterError::NotFound(_))));
         assert!(matches!(bad_atom, Err(MasterError::NotFound(_))));
         (b, all, page, console.path, console.complete)
@@ -1466,7 +1484,8 @@ async fn queue_batches_of_short_atoms_survive_a_slave_lost_mid_batch() {
         h.atom_done(&a, &r, w.atom_id, 0, 1, 0.001);
     }
     let mut b = h.slave("b", 1);
-    h.core.handle(Command::SlaveDisconnected(a.id));
+    h.core
+        .handle(SlaveEvent::Disconnected(SlaveId(a.id)).into());
     assert!(matches!(b.next(), Some(D::Setup(_))));
     h.setup_ok(&b, id);
     let mut first = true;

@@ -1,0 +1,375 @@
+//! The scheduler: the one owner of the master's mutable state.
+//!
+//! [`Core`] is driven by [`Command`]s, one at a time, from the actor task (`actor.rs`). It knows
+//! slaves only as channel senders of [`proto::MasterMessage`], so tests drive it with plain
+//! channels and no network. It never blocks: database writes are point writes; file work goes to
+//! the results queue (`results.rs`).
+//!
+//! Work flow per build: QUEUED → a slave with a free executor prepares it (fetch, job config,
+//! atomizers) → atoms grouped into subjobs with timing history → PREPARED → each slave that will
+//! run subjobs is set up once (setup_build) → subjobs dispatched to free executors → results
+//! recorded per atom → archives → FINISHED → teardown on every slave of the build.
+//!
+//! Every dispatch has an attempt id. A message about an attempt the core no longer tracks (a
+//! slave declared lost, a canceled build) is ignored, so each atom's result comes from exactly
+//! one attempt.
+//!
+//! Rooms (one `impl Core` block each, all on the same state):
+//! - `model.rs` — builds, subjobs, slaves and attempts as the core holds them, and their
+//!   conversions to the wire and to stored records;
+//! - `validate.rs` — what a build request may be, checked before anything is stored;
+//! - `client.rs` — client calls: submit, cancel, reads of builds, subjobs, consoles, slaves;
+//! - `sessions.rs` — slave sessions: register, adoption after a restart, messages, loss;
+//! - `dispatch.rs` — preparation, setup and dispatch of work to free executors;
+//! - `progress.rs` — atom results and subjob completion;
+//! - `finish.rs` — build end, archives, teardown, retirement;
+//! - `recovery.rs` — reloading stored builds at start;
+//! - `prometheus.rs` — the metrics text.
+//!
+//! Durability (group commit, `Durable`) and the command loop (`handle`) live here.
+mod client;
+mod dispatch;
+mod finish;
+mod model;
+mod progress;
+mod prometheus;
+mod recovery;
+mod sessions;
+mod validate;
+
+pub use validate::validate_request;
+
+use crate::clock::SharedClock;
+use crate::command::{Command, Durable, Internal};
+use crate::error::MasterError;
+use crate::metrics::Metrics;
+use crate::results::{ResultsJob, ResultsLayout};
+use crate::store::Store;
+use ish_core::proto::{self, master_message::Msg as Down};
+use ish_core::state::BuildEvent;
+use model::{Attempt, Build, Slave};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc};
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Slaves heartbeat this often.
+    pub heartbeat_interval: Duration,
+    /// A slave silent this long is lost.
+    pub heartbeat_timeout: Duration,
+    /// Setup failures before a build errors.
+    pub max_setup_failures: u32,
+    /// Lost preparations before a build errors.
+    pub max_prepare_attempts: u32,
+    /// After a restart, how long subjobs of resumed builds wait for their slaves to reconnect
+    /// and report them before they are dispatched again.
+    pub resume_grace: Duration,
+    /// Dispatches of one subjob (after lost slaves) before its build errors.
+    pub max_subjob_attempts: u32,
+    /// Most atoms one build may have (atomizer output or atoms_override).
+    pub max_atoms_per_build: usize,
+    /// Most artifact bytes one build may upload in all.
+    pub max_artifact_bytes_per_build: u64,
+    /// Atom timeout for jobs that set none, in seconds (0 = none).
+    pub default_atom_timeout_s: u32,
+    /// Build timeout for jobs that set none, in seconds (0 = none).
+    pub default_build_timeout_s: u32,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(15),
+            max_setup_failures: 3,
+            max_prepare_attempts: 3,
+            resume_grace: Duration::from_secs(5),
+            max_subjob_attempts: 5,
+            max_atoms_per_build: 100_000,
+            max_artifact_bytes_per_build: 10 << 30,
+            default_atom_timeout_s: 0,
+            default_build_timeout_s: 0,
+        }
+    }
+}
+
+/// The master's state and scheduling logic. See the module docs.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    /// The one source of time (a manual clock in tests).
+    clock: SharedClock,
+    store: Store,
+    layout: ResultsLayout,
+    results: mpsc::UnboundedSender<ResultsJob>,
+    /// Told the id of every build that changed (watchers re-read it).
+    changes: broadcast::Sender<u64>,
+    /// Where archive completions are sent back.
+    self_tx: mpsc::WeakSender<Command>,
+    builds: BTreeMap<u64, Build>,
+    /// Builds not in a final state, in FIFO order.
+    active: BTreeSet<u64>,
+    slaves: BTreeMap<u64, Slave>,
+    /// Slaves that can take work now (not draining, an executor free): scheduling looks only
+    /// here, so a cluster of thousands of busy slaves costs nothing per command.
+    free: BTreeSet<u64>,
+    attempts: HashMap<u64, Attempt>,
+    next_attempt: u64,
+    /// End of the block of attempt ids reserved in the store.
+    attempt_end: u64,
+    next_slave_id: u64,
+    /// Slaves whose channel failed during this command; dropped once it is handled.
+    doomed: BTreeSet<u64>,
+    /// Recent events, oldest first (ClusterRunner's eventlog).
+    events: VecDeque<proto::Event>,
+    next_event_id: u64,
+    metrics: Metrics,
+    /// Until then, resumed builds dispatch nothing: their slaves may still report them.
+    resume_until: Option<Instant>,
+    /// Answers that wait for the next database flush.
+    durable: Vec<Durable>,
+    /// Builds whose last change could not be written (a storage error): written again on every
+    /// tick until it is, so a state clients saw (a final one above all) reaches the disk and a
+    /// restart does not bring back an older one.
+    unsaved: BTreeSet<u64>,
+    /// A flush is running.
+    flushing: bool,
+}
+
+/// Encoded bytes of builds one listing page carries at most (at least one build): far below
+/// the message limit, whatever the history holds. `total` tells the caller there is more.
+const LIST_PAGE_BYTES: usize = 16 << 20;
+
+/// Events kept in memory for the eventlog.
+const MAX_EVENTS: usize = 10_000;
+
+pub(super) fn invalid(msg: impl Into<String>) -> MasterError {
+    MasterError::InvalidArgument(msg.into())
+}
+
+pub(super) fn unknown_build(id: u64) -> MasterError {
+    MasterError::NotFound(format!("Invalid build id: {id}."))
+}
+
+impl Core {
+    /// A core over `store`, writing results under `layout` through the `results` queue.
+    pub fn new(
+        cfg: CoreConfig,
+        clock: SharedClock,
+        store: Store,
+        layout: ResultsLayout,
+        results: mpsc::UnboundedSender<ResultsJob>,
+        changes: broadcast::Sender<u64>,
+        self_tx: mpsc::WeakSender<Command>,
+    ) -> Self {
+        Self {
+            cfg,
+            clock,
+            store,
+            layout,
+            results,
+            changes,
+            self_tx,
+            builds: BTreeMap::new(),
+            active: BTreeSet::new(),
+            slaves: BTreeMap::new(),
+            free: BTreeSet::new(),
+            attempts: HashMap::new(),
+            next_attempt: 0,
+            attempt_end: 0,
+            next_slave_id: 1,
+            doomed: BTreeSet::new(),
+            events: VecDeque::new(),
+            next_event_id: 1,
+            metrics: Metrics::default(),
+            resume_until: None,
+            durable: Vec::new(),
+            unsaved: BTreeSet::new(),
+            flushing: false,
+        }
+    }
+
+    /// Appends to the event log (bounded: the oldest events fall off).
+    fn event(&mut self, tag: &str, fields: serde_json::Value) {
+        let e = proto::Event {
+            id: self.next_event_id,
+            tag: tag.into(),
+            timestamp: self.clock.epoch(),
+            fields_json: fields.to_string(),
+        };
+        self.next_event_id += 1;
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
+    /// Handles one command, then schedules what it made possible.
+    pub fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Client(call) => self.on_client(call),
+            Command::Slave(event) => self.on_slave_event(event),
+            Command::Internal(Internal::Shutdown(done)) => {
+                // Dropping the senders ends the slaves' streams; they reconnect to the next master.
+                self.slaves.clear();
+                let _ = done.send(());
+                return;
+            }
+            Command::Internal(event) => self.on_internal(event),
+        }
+        self.settle();
+    }
+
+    fn on_internal(&mut self, event: Internal) {
+        match event {
+            Internal::Flushed(batch, outcome) => self.flushed(batch, outcome),
+            Internal::ArchivesWritten(id, outcome) => self.archives_written(id.0, outcome),
+            Internal::ResultsFailed(id, msg) => {
+                self.metrics.internal_error("ResultsWriteFailure");
+                if self.builds.get(&id.0).is_some_and(|b| !b.state.is_final()) {
+                    self.end_build(id.0, BuildEvent::Fail, msg);
+                }
+            }
+            Internal::Tick => self.sweep(self.clock.now()),
+            // Handled by `handle`: nothing is scheduled after it.
+            Internal::Shutdown(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Drops slaves whose channel failed and schedules until nothing more can be started.
+    fn settle(&mut self) {
+        self.schedule();
+        while let Some(sid) = self.doomed.pop_first() {
+            if self.slaves.contains_key(&sid) {
+                self.lose_slave(sid, "its message queue is full or closed");
+            }
+            self.schedule();
+        }
+        self.start_flush();
+    }
+
+    /// Group commit: one database flush at a time covers everything that waits to be durable;
+    /// what arrives meanwhile rides on the next one. Answers go out when the flush is done.
+    fn start_flush(&mut self) {
+        if self.flushing || self.durable.is_empty() {
+            return;
+        }
+        self.flushing = true;
+        let batch = std::mem::take(&mut self.durable);
+        let store = self.store.clone();
+        let back = self.self_tx.clone();
+        tokio::spawn(async move {
+            let outcome = store.flush().await.map_err(|e| e.to_string());
+            match back.upgrade() {
+                Some(tx) => {
+                    let _ = tx.send(Internal::Flushed(batch, outcome).into()).await;
+                }
+                None => {
+                    for d in batch {
+                        if let Durable::Submitted(_, reply) = d {
+                            let _ = reply.send(Err(MasterError::ShuttingDown));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn flushed(&mut self, batch: Vec<Durable>, outcome: std::result::Result<(), String>) {
+        self.flushing = false;
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "database flush failed");
+            self.metrics.internal_error("StorageFlushFailure");
+        }
+        for d in batch {
+            match (d, &outcome) {
+                (Durable::Submitted(id, reply), Ok(())) => {
+                    let _ = reply.send(Ok(id));
+                }
+                (Durable::Submitted(_, reply), Err(e)) => {
+                    // The build may not survive a crash: say so rather than acknowledge it.
+                    let _ = reply.send(Err(MasterError::Io {
+                        context: "storing the build".into(),
+                        source: std::io::Error::other(e.clone()),
+                    }));
+                }
+                (Durable::Ack(sid, attempt), Ok(())) => {
+                    let attempt = attempt.0;
+                    self.send(sid.0, Down::SubjobAck(proto::SubjobAck { attempt }));
+                }
+                // Without an ack the slave keeps the attempt and reports it again.
+                (Durable::Ack(..), Err(_)) => {}
+                (Durable::Prepared(id), Ok(())) => {
+                    if let Some(b) = self.builds.get_mut(&id.0) {
+                        b.grouping_durable = true;
+                    }
+                }
+                // Try again with the next flush.
+                (Durable::Prepared(id), Err(_)) => self.durable.push(Durable::Prepared(id)),
+            }
+        }
+    }
+
+    fn notify(&self, build: u64) {
+        let _ = self.changes.send(build);
+    }
+
+    fn persist(&mut self, id: u64) {
+        let Some(b) = self.builds.get(&id) else {
+            return;
+        };
+        match self.store.put_build(&b.to_record()) {
+            Ok(()) => {
+                self.unsaved.remove(&id);
+            }
+            Err(e) => {
+                if self.unsaved.insert(id) {
+                    tracing::error!(build = id, error = %e, "could not store build; retrying");
+                    self.metrics.internal_error("StorageWriteFailure");
+                }
+            }
+        }
+    }
+
+    /// Writes again what a storage error kept from the disk.
+    fn retry_unsaved(&mut self) {
+        let ids: Vec<u64> = self.unsaved.iter().copied().collect();
+        let mut stored = false;
+        for id in ids {
+            self.persist(id);
+            if !self.unsaved.contains(&id) {
+                tracing::info!(build = id, "build stored after an earlier storage error");
+                stored = true;
+            }
+        }
+        if stored {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.flush().await {
+                    tracing::error!(error = %e, "could not flush the database");
+                }
+            });
+        }
+    }
+
+    fn send(&mut self, sid: u64, msg: Down) -> bool {
+        let Some(s) = self.slaves.get(&sid) else {
+            return false;
+        };
+        match s.tx.try_send(proto::MasterMessage { msg: Some(msg) }) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(slave = sid, error = %e, "cannot send to slave");
+                self.doomed.insert(sid);
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
