@@ -1,13 +1,9 @@
-//! The gateway's one error type and its one conversion to an HTTP response.
-//!
-//! ClusterRunner's bodies: JSON routes answer `{"error": "<message>"}`, file routes answer an
-//! empty body, and "status" failures (create/cancel a build) answer
-//! `{"status": "FAILURE", "error": ...}`. GET errors on JSON routes also carry `child_routes`,
-//! which is why [`ApiError::into_response_with`] takes them.
-use crate::routes::ChildRoutes;
+//! The gateway's one error type, shared by every API: what went wrong, its HTTP status and
+//! headers, and its mapping from the master's `tonic::Status`. The body is the API's business:
+//! each API module renders it in its own format and hands it to [`ApiError::respond`]
+//! (ClusterRunner's: `clusterrunner/errors.rs`).
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 use tonic::Code;
 
 /// Everything a REST call can end with other than success.
@@ -56,24 +52,6 @@ pub enum ApiError {
     Internal(String),
 }
 
-/// Body of an error on a JSON route.
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    child_routes: Option<&'a ChildRoutes>,
-}
-
-/// Body of a failed status response.
-#[derive(Serialize)]
-struct FailureBody<'a> {
-    status: &'static str,
-    #[serde(rename = "STATUS")]
-    status_upper: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-}
-
 impl ApiError {
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
@@ -92,35 +70,17 @@ impl ApiError {
         }
     }
 
-    /// The response, with `child_routes` added to a JSON error body when given (GET requests).
-    pub fn into_response_with(self, child_routes: Option<&ChildRoutes>) -> Response {
+    /// The response: this error's status and headers (`Allow`, `Content-Range`) around `body`,
+    /// which the API module renders in its own format (JSON with the gateway's content type;
+    /// `None` for an empty body). The detail of an internal error goes to the log here, once,
+    /// whatever the API shows the client.
+    pub fn respond(self, body: Option<Vec<u8>>) -> Response {
         let status = self.status();
-        let body = match &self {
-            // File routes answer these with an empty body, like a static file server.
-            Self::FileNotFound | Self::NotReady | Self::RangeNotSatisfiable(_) => None,
-            Self::Failure(msg) => Some(serde_json::to_vec(&FailureBody {
-                status: "FAILURE",
-                status_upper: "FAILURE",
-                error: msg.as_deref(),
-            })),
-            Self::Internal(detail) => {
-                tracing::error!(%detail, "internal error");
-                Some(serde_json::to_vec(&ErrorBody {
-                    error: "internal error",
-                    child_routes,
-                }))
-            }
-            other => Some(serde_json::to_vec(&ErrorBody {
-                error: &other.to_string(),
-                child_routes,
-            })),
-        };
+        if let Self::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
         let mut resp = match body {
-            Some(Ok(bytes)) => crate::json_bytes(status, bytes),
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "cannot serialize an error body");
-                StatusCode::INTERNAL_SERVER_ERROR.into_response()
-            }
+            Some(bytes) => crate::respond::json_bytes(status, bytes),
             None => status.into_response(),
         };
         match self {
@@ -136,12 +96,6 @@ impl ApiError {
             _ => {}
         }
         resp
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        self.into_response_with(None)
     }
 }
 
@@ -161,74 +115,5 @@ impl From<tonic::Status> for ApiError {
             Code::Unavailable => Self::Unavailable(msg),
             code => Self::Internal(format!("gRPC {code:?}: {msg}")),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn body(resp: Response) -> (StatusCode, String) {
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        (status, String::from_utf8(bytes.to_vec()).unwrap())
-    }
-
-    #[tokio::test]
-    async fn status_mapping() {
-        let cases = [
-            (tonic::Status::not_found("Invalid build id: 9."), 404),
-            (tonic::Status::invalid_argument("bad"), 400),
-            (tonic::Status::unauthenticated("no"), 401),
-            (tonic::Status::unavailable("down"), 503),
-            (tonic::Status::internal("boom"), 500),
-            (tonic::Status::unknown("?"), 500),
-        ];
-        for (s, code) in cases {
-            assert_eq!(ApiError::from(s).status().as_u16(), code);
-        }
-        let (st, b) =
-            body(ApiError::from(tonic::Status::internal("secret detail")).into_response()).await;
-        assert_eq!(
-            (st.as_u16(), b.as_str()),
-            (500, r#"{"error":"internal error"}"#)
-        );
-        let (st, b) =
-            body(ApiError::from(tonic::Status::not_found("Invalid build id: 9.")).into_response())
-                .await;
-        assert_eq!(
-            (st.as_u16(), b.as_str()),
-            (404, r#"{"error":"Invalid build id: 9."}"#)
-        );
-    }
-
-    #[tokio::test]
-    async fn failure_and_file_bodies() {
-        let (st, b) = body(ApiError::Failure(None).into_response()).await;
-        assert_eq!(
-            (st.as_u16(), b.as_str()),
-            (400, r#"{"status":"FAILURE","STATUS":"FAILURE"}"#)
-        );
-        let (st, b) = body(ApiError::Failure(Some("x".into())).into_response()).await;
-        assert_eq!(
-            (st.as_u16(), b.as_str()),
-            (
-                400,
-                r#"{"status":"FAILURE","STATUS":"FAILURE","error":"x"}"#
-            )
-        );
-        let (st, b) = body(ApiError::NotReady.into_response()).await;
-        assert_eq!((st.as_u16(), b.as_str()), (202, ""));
-        let resp = ApiError::RangeNotSatisfiable(10).into_response();
-        assert_eq!(resp.headers()[header::CONTENT_RANGE], "bytes */10");
-        let resp = ApiError::MethodNotAllowed("GET, OPTIONS").into_response();
-        assert_eq!(resp.headers()[header::ALLOW], "GET, OPTIONS");
-        let (st, b) = body(resp).await;
-        assert_eq!(
-            (st.as_u16(), b.as_str()),
-            (405, r#"{"error":"HTTP 405: Method Not Allowed"}"#)
-        );
     }
 }

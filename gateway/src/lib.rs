@@ -1,124 +1,62 @@
-//! Ish CD gateway: the stateless REST front.
+//! Ish CD gateway: the stateless REST front, a host of several REST APIs over one master.
 //!
-//! It serves ClusterRunner's master REST API, wire-compatible (spec §1, §3, §4, §11), by
-//! translating every call into gRPC calls on the master; it keeps no build state of its own, so
+//! Today it serves ClusterRunner's master REST API, wire-compatible (spec §1, §3, §4, §11), in
+//! [`clusterrunner`]; the Ish CD API (`/v1/projects`, `/v1/account`, `/v1/tokens`) and the
+//! ndscheduler API (`/api/v1/...`) are to be mounted beside it, each in its own module. Every
+//! call is translated into gRPC calls on the master; the gateway keeps no build state, so
 //! several gateways can run behind a load balancer. `docs/rest.md` is the route reference,
 //! `docs/deviations.md` lists where it differs from ClusterRunner on purpose.
 //!
 //! ```text
-//! HTTP ─▶ handlers::dispatch ─▶ routes (table, child_routes) + version (Api-Version)
-//!              │                 auth (session, digest) · body (__encoded_body__) · params
-//!              ├─▶ request (JSON → BuildRequest) ─▶ gRPC Builds/Cluster on the master
-//!              └─◀ json (Build → ClusterRunner objects) · artifacts (streamed archives)
+//! listener (bounded connections) ─▶ router (lib.rs)
+//!   layers, every route: request id · metrics · Session-Id + CORS · body limit (limits)
+//!   ├─ /healthz
+//!   └─ clusterrunner (its routes, auth, JSON, error bodies) ─▶ state.master(): dyn Master
+//!                                                               └─ GrpcMaster ─▶ gRPC master
 //! ```
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+//! Shared by every API: [`ApiError`] (status and headers; each API renders the body),
+//! [`AppState`] (settings, metrics, session, the [`master::Master`]), [`respond`].
 use axum::{Router, routing::get};
-use serde::{Deserialize, Serialize};
 use std::future::Future;
 use tokio::net::TcpListener;
 
-pub mod artifacts;
-pub mod auth;
-pub mod body;
+pub mod clusterrunner;
+mod config;
 pub mod cors;
 pub mod error;
-mod handlers;
-pub mod json;
+pub mod layers;
+pub mod limits;
 mod listener;
+pub mod master;
 pub mod metrics;
-pub mod params;
-pub mod request;
-pub mod routes;
+pub mod respond;
+pub mod session;
 pub mod state;
-pub mod version;
 
+pub use config::{GatewayConfig, GatewayError};
 pub use error::ApiError;
 pub use state::AppState;
 
-/// Settings of the gateway role.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GatewayConfig {
-    /// HTTP listen address. Default `127.0.0.1:43000` (ClusterRunner's master port, so existing
-    /// ClusterRunner clients find the API where they expect it).
-    pub listen: String,
-    /// gRPC URL of the master. Default `http://127.0.0.1:43100`.
-    pub master: String,
-    /// Cluster secret (also `--secret` / `ISH_SECRET`).
-    pub secret: Option<String>,
-    /// Key of ClusterRunner's message digest (`Clusterrunner-Message-Authentication-Digest`),
-    /// i.e. the `secret` of the ClusterRunner clients. Default: the cluster secret.
-    pub rest_secret: Option<String>,
-    /// Require the digest on reads (GET/HEAD) too; it is then computed over the (usually empty)
-    /// request body. `/` and `/healthz` stay open. Default `false` (dashboards read without
-    /// credentials, as with ClusterRunner).
-    pub require_auth_for_reads: bool,
-    /// Origins allowed to read the API from a browser: a regex matched at the start of the
-    /// `Origin` header. Default none (CORS off).
-    pub cors_allowed_origins_regex: Option<String>,
-    /// Largest request body accepted; larger ones get 413. Default 10 MiB.
-    pub max_body_bytes: usize,
-    /// A connection must deliver a complete request head within this many milliseconds of
-    /// connecting, and of the first byte of each later request. Default 10 s.
-    pub header_read_timeout_ms: u64,
-    /// A kept-alive connection with no request in progress is closed after this many
-    /// milliseconds. Default 60 s.
-    pub idle_timeout_ms: u64,
-    /// Most connections open at once. At the cap, a new connection replaces the one waiting
-    /// longest without a request in progress; when all are busy, new ones wait in the kernel's
-    /// accept queue. Keep it well under the open-file limit (`ulimit -n`; the gateway raises
-    /// its soft limit to the hard one at start). Default 512.
-    pub max_connections: u32,
-}
-
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:43000".into(),
-            master: "http://127.0.0.1:43100".into(),
-            secret: None,
-            rest_secret: None,
-            require_auth_for_reads: false,
-            cors_allowed_origins_regex: None,
-            max_body_bytes: 10 << 20,
-            header_read_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
-            max_connections: 512,
-        }
-    }
-}
-
-/// Why the gateway could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    /// Bad settings.
-    #[error("invalid gateway configuration: {0}")]
-    Config(String),
-    /// Serving failed.
-    #[error("serving HTTP failed: {0}")]
-    Serve(#[from] std::io::Error),
-}
-
-/// A JSON response from already serialized bytes, with ClusterRunner's content type.
-pub(crate) fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=UTF-8"),
-        )],
-        bytes,
-    )
-        .into_response()
-}
-
 /// The REST routes: `/healthz` for load balancers, everything else is ClusterRunner's API.
+/// A new API is one more `.merge(its_module::router())` before the fallback (its routes are
+/// matched first, ClusterRunner's table gets what is left); the layers below cover it at once.
 pub fn router(state: AppState) -> Router {
+    use axum::middleware::{from_fn, from_fn_with_state};
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .fallback(handlers::dispatch)
+        .route("/healthz", get(healthz))
+        .merge(clusterrunner::router())
+        // Innermost first: the body limit, then the headers every response carries, then the
+        // metric (timing all of the above), then the request id around everything.
+        .layer(from_fn_with_state(state.clone(), limits::layer))
+        .layer(from_fn_with_state(state.clone(), layers::headers))
+        .layer(from_fn_with_state(state.clone(), layers::metrics))
+        .layer(from_fn(layers::request_id))
         .with_state(state)
+}
+
+/// For load balancers: the gateway is up (it does not ask the master, which has its own probe).
+async fn healthz() -> impl axum::response::IntoResponse {
+    (axum::Extension(layers::Endpoint("/healthz".into())), "ok")
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes. `secret` is the cluster secret

@@ -1,33 +1,33 @@
-//! What every request handler shares: the master's gRPC clients and the gateway's settings. No
-//! build state lives here; the metrics are the gateway's own.
+//! What every request handler of every API shares: the master (behind [`Master`]) and the
+//! gateway's settings. No build state lives here; the metrics are the gateway's own.
+use crate::config::{GatewayConfig, GatewayError};
 use crate::cors::Cors;
+use crate::master::{GrpcMaster, Master};
 use crate::metrics::HttpMetrics;
-use crate::{GatewayConfig, GatewayError};
 use ish_core::auth::SecretInterceptor;
-use ish_core::proto;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-
-/// gRPC client of the master's build service, with the cluster secret attached.
-pub type BuildsClient =
-    proto::builds_client::BuildsClient<InterceptedService<Channel, SecretInterceptor>>;
-/// gRPC client of the master's cluster service, with the cluster secret attached.
-pub type ClusterClient =
-    proto::cluster_client::ClusterClient<InterceptedService<Channel, SecretInterceptor>>;
 
 /// Largest gRPC message the gateway accepts (a build list with many failed atoms is large).
 const MAX_MESSAGE_BYTES: usize = ish_core::MAX_MESSAGE_BYTES;
 
 /// The router's shared state. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
-#[derive(Debug)]
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The master is a trait object and the secret is not for logs.
+        f.debug_struct("AppState")
+            .field("listen", &self.0.listen)
+            .field("session_id", &self.0.session_id)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
-    builds: BuildsClient,
-    cluster: ClusterClient,
+    master: Arc<dyn Master>,
     rest_secret: String,
     require_auth_for_reads: bool,
     cors: Cors,
@@ -45,6 +45,24 @@ impl AppState {
     /// starts even when the master is not up yet, and reconnects by itself. Must be called
     /// inside a tokio runtime.
     pub fn new(cfg: &GatewayConfig, secret: &str) -> Result<Self, GatewayError> {
+        let auth = SecretInterceptor::new(secret)
+            .map_err(|e| GatewayError::Config(format!("cluster secret: {e}")))?;
+        let channel = Channel::from_shared(cfg.master.clone())
+            .map_err(|e| GatewayError::Config(format!("invalid master URL {:?}: {e}", cfg.master)))?
+            // An unreachable master should be a quick 503, not a hung request.
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let master = GrpcMaster::new(channel, auth, MAX_MESSAGE_BYTES);
+        Self::with_master(cfg, secret, Arc::new(master))
+    }
+
+    /// State over any [`Master`] (tests pass an in-memory fake). `secret` is the digest key
+    /// unless `cfg.rest_secret` is set; `cfg.master` is not used.
+    pub fn with_master(
+        cfg: &GatewayConfig,
+        secret: &str,
+        master: Arc<dyn Master>,
+    ) -> Result<Self, GatewayError> {
         let rest_secret = cfg
             .rest_secret
             .clone()
@@ -64,26 +82,13 @@ impl AppState {
         let cors = Cors::new(cfg.cors_allowed_origins_regex.as_deref()).map_err(|e| {
             GatewayError::Config(format!("invalid cors_allowed_origins_regex: {e}"))
         })?;
-        let auth = SecretInterceptor::new(secret)
-            .map_err(|e| GatewayError::Config(format!("cluster secret: {e}")))?;
-        let channel = Channel::from_shared(cfg.master.clone())
-            .map_err(|e| GatewayError::Config(format!("invalid master URL {:?}: {e}", cfg.master)))?
-            // An unreachable master should be a quick 503, not a hung request.
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
         Ok(Self(Arc::new(Inner {
-            builds: proto::builds_client::BuildsClient::with_interceptor(
-                channel.clone(),
-                auth.clone(),
-            )
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            cluster: proto::cluster_client::ClusterClient::with_interceptor(channel, auth)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            master,
             rest_secret,
             require_auth_for_reads: cfg.require_auth_for_reads,
             cors,
             max_body_bytes: cfg.max_body_bytes,
-            session_id: crate::auth::new_session_id(),
+            session_id: crate::session::new_session_id(),
             metrics: HttpMetrics::default(),
             listen: cfg.listen.clone(),
         })))
@@ -94,14 +99,9 @@ impl AppState {
         &self.0.session_id
     }
 
-    /// A client of the master's build service.
-    pub fn builds(&self) -> BuildsClient {
-        self.0.builds.clone()
-    }
-
-    /// A client of the master's cluster service.
-    pub fn cluster(&self) -> ClusterClient {
-        self.0.cluster.clone()
+    /// The master.
+    pub fn master(&self) -> &dyn Master {
+        &*self.0.master
     }
 
     /// Key of the ClusterRunner message digest.

@@ -1,34 +1,19 @@
-//! ClusterRunner's message digest (spec §3) and session check (spec §1.4).
+//! ClusterRunner's message digest (spec §3) and session check (spec §1.4). The check is
+//! ClusterRunner's: it runs after route resolution (an unknown route is 404 whatever the session)
+//! and its 412 carries `child_routes` on GETs, so it is not a router layer; the `Session-Id`
+//! response header is (crate::session).
 use crate::error::ApiError;
+use crate::session::SESSION_HEADER;
 use axum::http::HeaderMap;
-use rand::Rng;
 
 /// Header carrying the hex HMAC-SHA512 of the body.
 pub const DIGEST_HEADER: &str = "Clusterrunner-Message-Authentication-Digest";
-/// Response header naming this gateway's session.
-pub const SESSION_HEADER: &str = "Session-Id";
 /// Request header a client uses to insist on a session.
 pub const EXPECTED_SESSION_HEADER: &str = "Expected-Session-Id";
 
 /// ClusterRunner's 401 message.
 pub const DIGEST_MISMATCH: &str =
     "Message digest does not match header, message not authenticated.";
-
-/// A random UUID4 in its canonical text form: the session id of one gateway.
-pub fn new_session_id() -> String {
-    let mut b: [u8; 16] = rand::rng().random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
 
 /// 412 when the request names a session that is not this gateway's.
 pub fn check_session(headers: &HeaderMap, session_id: &str) -> Result<(), ApiError> {
@@ -61,15 +46,6 @@ pub fn check_digest(headers: &HeaderMap, secret: &str, body: &[u8]) -> Result<()
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
-
-    #[test]
-    fn session_ids_are_uuid4() {
-        let s = new_session_id();
-        assert_eq!(s.len(), 36);
-        assert_eq!(&s[14..15], "4");
-        assert!("89ab".contains(&s[19..20]));
-        assert_ne!(s, new_session_id());
-    }
 
     #[test]
     fn session_check() {

@@ -2,7 +2,7 @@
 //!
 //! The version only picks the `api_version` of `/version` and which `child_routes` are listed;
 //! what a handler does (pagination) follows the URL.
-use crate::routes::Matched;
+use super::routes::Matched;
 use regex::Regex;
 use std::sync::LazyLock;
 
@@ -30,8 +30,8 @@ pub fn resolve(path: &str, matched: Option<&Matched>, accept: Option<&str>) -> u
 
 #[cfg(test)]
 mod tests {
+    use super::super::routes::resolve as route;
     use super::*;
-    use crate::routes::resolve as route;
 
     fn v(path: &str, accept: Option<&str>) -> u8 {
         resolve(path, route(path).as_ref(), accept)

@@ -110,33 +110,29 @@ async fn probe(state: &AppState, build_id: u64, format: Format) -> Result<u64, A
         size_only: true,
         ..Default::default()
     };
-    match state.builds().download_artifacts(req).await {
-        Ok(resp) => {
-            let mut s = resp.into_inner();
-            match s.next().await {
-                Some(Ok(chunk)) => Ok(chunk.total_size),
-                Some(Err(e)) => Err(e.into()),
-                None => Err(ApiError::Internal(
-                    "the master sent no size for the archive".into(),
-                )),
-            }
-        }
+    match state.master().download_artifacts(req).await {
+        Ok(mut s) => match s.next().await {
+            Some(Ok(chunk)) => Ok(chunk.total_size),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(ApiError::Internal(
+                "the master sent no size for the archive".into(),
+            )),
+        },
         Err(e) if e.code() == tonic::Code::NotFound => Err(ApiError::FileNotFound),
         Err(e) if e.code() == tonic::Code::FailedPrecondition => {
             let b = state
-                .builds()
-                .get(proto::GetBuildRequest { build_id })
+                .master()
+                .get_build(proto::GetBuildRequest { build_id })
                 .await
                 .map_err(|e| match e.code() {
                     tonic::Code::NotFound => ApiError::FileNotFound,
                     _ => e.into(),
-                })?
-                .into_inner();
+                })?;
             match proto::BuildState::try_from(b.state) {
                 Ok(s @ (proto::BuildState::Error | proto::BuildState::Canceled)) => {
                     Err(ApiError::NotFound(format!(
                         "Build {build_id} has no artifacts: it ended in {}",
-                        crate::json::status_name(s)
+                        super::json::status_name(s)
                     )))
                 }
                 _ => Err(ApiError::NotReady),
@@ -203,7 +199,7 @@ pub async fn serve(
         return Ok(resp);
     }
     let stream = state
-        .builds()
+        .master()
         .download_artifacts(proto::DownloadArtifactsRequest {
             build_id,
             format: format.proto() as i32,
@@ -211,8 +207,7 @@ pub async fn serve(
             length,
             size_only: false,
         })
-        .await?
-        .into_inner();
+        .await?;
     *resp.body_mut() = Body::from_stream(stream.map(|r| r.map(|c| Bytes::from(c.data))));
     Ok(resp)
 }

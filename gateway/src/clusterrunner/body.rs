@@ -4,8 +4,8 @@
 //! else query parameter) when there is one, otherwise the raw body bytes. The decoded body is its
 //! JSON; an empty encoded body decodes to `{}`. The digest (spec §3) is checked over the encoded
 //! body: the bytes that are actually decoded and acted on.
+use super::params::Query;
 use crate::error::ApiError;
-use crate::params::Query;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use serde_json::Value;

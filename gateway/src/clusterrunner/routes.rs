@@ -286,6 +286,23 @@ pub fn endpoint_label(route: Option<&Route>) -> String {
     )
 }
 
+/// Routes whose GET answers JSON (and therefore carries `child_routes`).
+pub fn is_json_route(node: Node) -> bool {
+    !matches!(
+        node,
+        Node::ArtifactsZip | Node::ArtifactsTarGz | Node::BuildResult | Node::Metrics
+    )
+}
+
+/// Methods a route serves, for 405's `Allow`.
+pub fn allowed(node: Node) -> &'static str {
+    match node {
+        Node::Builds | Node::SlaveShutdown | Node::SlavesShutdown => "GET, HEAD, OPTIONS, POST",
+        Node::Build => "GET, HEAD, OPTIONS, PUT",
+        _ => "GET, HEAD, OPTIONS",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
