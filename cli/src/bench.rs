@@ -3,8 +3,8 @@
 //! - `gateway`: the REST gateway's overhead — requests/s and p50/p99 latency of
 //!   `GET /v1/build/{id}` and `POST /v1/build` at N concurrent clients, beside the same operations
 //!   as direct gRPC calls on the master (the difference is what the gateway costs).
+use crate::client::rest::DIGEST_HEADER;
 use crate::local::{LocalCluster, LocalOptions};
-use crate::rest_client::DIGEST_HEADER;
 use anyhow::{Context, bail};
 use ish_core::proto;
 use std::sync::Arc;

@@ -5,13 +5,12 @@
 //! - [`local`]: a whole cluster in one process (master + gateway + N slaves), used by `ish local`,
 //!   by `ish build` when no master is running, and by the in-process tests.
 //! - [`bench`]: `ish bench`, benchmarks that start their own cluster and print a table.
-//! - [`client`]: the client verbs (`ish build`); [`rest_client`] is the same build through a
-//!   gateway's ClusterRunner REST API.
+//! - [`client`]: the client verbs (`ish build`): one flow over gRPC to a master or a
+//!   gateway's ClusterRunner REST API ([`client::rest`]).
 pub mod bench;
 pub mod bench_suite;
 pub mod client;
 pub mod local;
-pub mod rest_client;
 pub mod settings;
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -73,12 +73,6 @@ impl Paths for crate::local::LocalConfig {
     }
 }
 
-impl Paths for crate::client::ClientConfig {
-    fn paths(&mut self) -> Vec<&mut PathBuf> {
-        vec![&mut self.results_dir]
-    }
-}
-
 /// Where a master keeps its generated secret.
 pub fn secret_file(data_dir: &Path) -> PathBuf {
     data_dir.join("secret")

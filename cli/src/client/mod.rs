@@ -1,12 +1,21 @@
 //! `ish build`: submit a build, show its progress, download its results.
-use crate::local::{BuildsClient, LocalCluster, LocalOptions, connect};
+//!
+//! The flow is written once (`flow.rs`: submit, follow, cancel on Ctrl-C, report, unpack); what
+//! carries it is a [`BuildApi`](api::BuildApi): gRPC to a master (`grpc.rs`, the default, with
+//! an embedded cluster when no master answers) or a gateway's ClusterRunner REST API
+//! (`rest.rs`, `--gateway`).
+mod api;
+mod flow;
+mod grpc;
+pub mod rest;
+
+use crate::local::{LocalCluster, LocalOptions, connect};
+use crate::settings::Paths;
 use anyhow::{Context, bail};
 use ish_core::proto::{self, project_source::Kind};
 use serde::{Deserialize, Serialize};
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-use tokio_stream::StreamExt;
+use std::time::Duration;
 
 /// Settings of the client verbs (`conf/client.toml`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +45,12 @@ impl Default for ClientConfig {
             results_dir: PathBuf::from("build_results"),
             embedded_executors: None,
         }
+    }
+}
+
+impl Paths for ClientConfig {
+    fn paths(&mut self) -> Vec<&mut PathBuf> {
+        vec![&mut self.results_dir]
     }
 }
 
@@ -90,7 +105,8 @@ pub async fn run_build(opts: BuildOptions) -> anyhow::Result<i32> {
             bail!("give either a master (gRPC) or a gateway (REST), not both");
         }
         let secret = crate::settings::client_secret(opts.cfg.secret.clone())?;
-        return crate::rest_client::run_build(gw, &secret, &opts).await;
+        let mut api = rest::RestApi::new(gw, &secret)?;
+        return flow::run(&mut api, &opts).await;
     }
     let mut embedded: Option<(LocalCluster, Option<tempfile_dir::TempDir>)> = None;
     let (url, secret) = match &opts.cfg.master {
@@ -122,8 +138,9 @@ pub async fn run_build(opts: BuildOptions) -> anyhow::Result<i32> {
             }
         }
     };
-    let (mut builds, _) = connect(&url, &secret, Duration::from_secs(10)).await?;
-    let code = drive(&mut builds, &url, &opts).await;
+    let (builds, _) = connect(&url, &secret, Duration::from_secs(10)).await?;
+    let mut api = grpc::GrpcApi::new(builds, &url);
+    let code = flow::run(&mut api, &opts).await;
     if let Some((cluster, _tmp)) = embedded {
         cluster.shutdown().await?;
     }
@@ -161,149 +178,6 @@ async fn start_embedded(
             Ok((c, Some(tempfile_dir::TempDir(dir))))
         }
     }
-}
-
-fn state_of(b: &proto::Build) -> proto::BuildState {
-    proto::BuildState::try_from(b.state).unwrap_or_default()
-}
-
-fn progress_line(b: &proto::Build) -> String {
-    let state = state_of(b).as_str_name().trim_start_matches("BUILD_STATE_");
-    let mut s = format!("build {}: {state}", b.id);
-    if b.num_subjobs > 0 {
-        s += &format!(
-            "  {}/{} subjobs  {}/{} atoms",
-            b.completed_subjobs, b.num_subjobs, b.completed_atoms, b.num_atoms
-        );
-    }
-    if b.failed_atom_count > 0 {
-        s += &format!("  {} failed", b.failed_atom_count);
-    }
-    s
-}
-
-async fn drive(builds: &mut BuildsClient, url: &str, opts: &BuildOptions) -> anyhow::Result<i32> {
-    let started = Instant::now();
-    let id = builds
-        .submit(proto::SubmitBuildRequest {
-            request: Some(opts.request.clone()),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("the master refused the build: {}", s.message()))?
-        .into_inner()
-        .build_id;
-    eprintln!("Submitted build {id} to {url}");
-    let mut stream = builds
-        .watch(proto::WatchBuildRequest { build_id: id })
-        .await
-        .map_err(|s| anyhow::anyhow!("watching build {id}: {}", s.message()))?
-        .into_inner();
-    let tty = std::io::stderr().is_terminal();
-    let mut last_line = String::new();
-    let mut last_print = Instant::now() - Duration::from_secs(10);
-    let mut last_state = proto::BuildState::Unspecified;
-    let finalb = loop {
-        let update = tokio::select! {
-            u = stream.next() => u,
-            _ = crate::shutdown_signal() => {
-                eprintln!("\nInterrupted: canceling build {id}.");
-                let _ = builds.cancel(proto::CancelBuildRequest { build_id: id }).await;
-                return Ok(exit::INTERRUPTED);
-            }
-        };
-        let b = match update {
-            Some(Ok(u)) => u.build.unwrap_or_default(),
-            Some(Err(s)) => bail!("lost the build's progress stream: {}", s.message()),
-            None => bail!("the master ended the progress stream before the build ended"),
-        };
-        let line = progress_line(&b);
-        let state = state_of(&b);
-        let final_state = matches!(
-            state,
-            proto::BuildState::Finished | proto::BuildState::Error | proto::BuildState::Canceled
-        );
-        if line != last_line {
-            if tty {
-                eprint!("\r\x1b[2K{line}");
-                let _ = std::io::stderr().flush();
-            } else if state != last_state
-                || final_state
-                || last_print.elapsed() > Duration::from_secs(2)
-            {
-                eprintln!("{line}");
-                last_print = Instant::now();
-            }
-            last_line = line;
-        }
-        last_state = state;
-        if final_state {
-            if tty {
-                eprintln!();
-            }
-            break b;
-        }
-    };
-    let secs = started.elapsed().as_secs_f64();
-    match state_of(&finalb) {
-        proto::BuildState::Finished => {
-            let ok = finalb.result == proto::BuildResult::NoFailures as i32;
-            eprintln!(
-                "Build {id} finished in {secs:.1} s: {} ({} atoms, {} failed)",
-                if ok { "NO_FAILURES" } else { "FAILURE" },
-                finalb.num_atoms,
-                finalb.failed_atom_count
-            );
-            for a in &finalb.failed_atoms {
-                eprintln!(
-                    "  failed: artifact_{}_{} exit {} — {}",
-                    a.subjob_id,
-                    a.id,
-                    a.exit_code.unwrap_or_default(),
-                    a.command_string
-                );
-            }
-            if !opts.no_download {
-                let dir = &opts.cfg.results_dir;
-                download_results(builds, id, dir).await?;
-                eprintln!("Results in {}/", dir.display());
-            }
-            Ok(if ok { exit::OK } else { exit::FAILED })
-        }
-        proto::BuildState::Error => {
-            eprintln!("Build {id} aborted due to error: {}", finalb.error_message);
-            Ok(exit::FAILED)
-        }
-        _ => {
-            eprintln!("Build {id} was canceled.");
-            Ok(exit::FAILED)
-        }
-    }
-}
-
-/// Downloads results.zip and unpacks it into `dir` (replacing what was there).
-pub async fn download_results(
-    builds: &mut BuildsClient,
-    id: u64,
-    dir: &Path,
-) -> anyhow::Result<()> {
-    let mut stream = builds
-        .download_artifacts(proto::DownloadArtifactsRequest {
-            build_id: id,
-            format: proto::ArchiveFormat::Zip as i32,
-            offset: 0,
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("downloading results: {}", s.message()))?
-        .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| anyhow::anyhow!("downloading results: {}", s.message()))?;
-        bytes.extend_from_slice(&chunk.data);
-    }
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || unzip(&bytes, &dir)).await??;
-    Ok(())
 }
 
 /// Unpacks a results.zip into `dir` (replacing what was there); refuses entries that would land
