@@ -13,8 +13,12 @@
 //! When the master goes away the slave stops its work (the master re-queues it) and reconnects
 //! with jittered exponential back-off; it never exits on its own for that. It exits when told to
 //! shut down (SIGTERM → `shutdown`), when drained, or when the master refuses its secret.
+mod artifacts;
 pub mod config;
+mod console;
+pub mod error;
 pub mod git;
+pub mod link;
 pub mod project;
 pub mod reaper;
 pub mod remote;
@@ -22,6 +26,7 @@ pub mod runner;
 pub mod session;
 pub mod worker;
 
+pub use artifacts::{CONSOLE_FILE, UPLOAD_MANIFEST};
 pub use config::SlaveConfig;
 
 use rand::Rng;
@@ -85,6 +90,7 @@ pub async fn run(
             Duration::from_millis(cfg.remote_file_timeout_ms),
         ),
         inherited_env: runner::inherited_env(&cfg.pass_env),
+        runner: Arc::new(runner::Processes),
         auth,
         cfg,
     });
@@ -145,14 +151,6 @@ async fn leave_offline(worker: &std::sync::Arc<Worker>, tasks: &mut tokio::task:
     let budget = Duration::from_millis(worker.shared.cfg.shutdown_teardown_ms);
     let _ = tokio::time::timeout(budget, worker.teardown_all()).await;
 }
-
-/// Name of an atom's console file in its results.
-pub const CONSOLE_FILE: &str = "clusterrunner_console_output";
-
-/// Name of the first file of every artifact upload: the names and sizes of the files that follow,
-/// so the master can leave out a file the upload cut short. The same name is in
-/// `ish_master::results::UPLOAD_MANIFEST`; an atom's own file of that name is left out.
-pub const UPLOAD_MANIFEST: &str = ".ish-upload-manifest";
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
