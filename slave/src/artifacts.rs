@@ -1,5 +1,5 @@
 //! An atom's artifacts: the `$ARTIFACT_DIR`s handed out and the files found in one (their
-//! upload is [`crate::link`]'s).
+//! upload is `link.rs`'s).
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;

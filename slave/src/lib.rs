@@ -13,6 +13,22 @@
 //! When the master goes away the slave stops its work (the master re-queues it) and reconnects
 //! with jittered exponential back-off; it never exits on its own for that. It exits when told to
 //! shut down (SIGTERM → `shutdown`), when drained, or when the master refuses its secret.
+//!
+//! Rooms: [`session`] is one connection (register, relay messages both ways); [`worker`] is what
+//! the slave holds and does across sessions (the logic above); it runs commands through
+//! [`runner::CommandRunner`] (processes under the [`reaper`] in production), uploads through
+//! [`link::MasterLink`] (the UploadArtifacts RPC) and gets projects from [`project`] ([`git`]
+//! cache and workspaces, [`remote`] files). `console` keeps an atom's console bounded on disk,
+//! `artifacts` lists what an atom left in `$ARTIFACT_DIR`; [`error`] says why a step failed and
+//! whether another slave could manage.
+//!
+//! Locks, and why each is one: the worker's `held` (its builds and unacknowledged attempts:
+//! message handlers and work tasks change them, a new session reports them at one instant), a
+//! build's `state` (workspace, job and env written by Prepare/Setup and read by the build's later
+//! tasks), the free list of empty `$ARTIFACT_DIR`s (taken and given back by atoms of any build),
+//! and the outbox receiver (an async lock: the current session's pump holds it, the next session's
+//! waits until the old pump is gone, so messages never go out of order). None is held across an
+//! `.await` except the outbox's.
 mod artifacts;
 pub mod config;
 mod console;

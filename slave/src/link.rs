@@ -2,7 +2,7 @@
 //!
 //! Messages to the master (AtomStarted, console, AtomResult, …) go through the worker's ordered
 //! outbox, a channel the session drains, and messages from it arrive through
-//! [`crate::worker::Worker::handle`]; both are plain values, so tests drive them directly. The
+//! `Worker::handle`; both are plain values, so tests drive them directly. The
 //! one call that is not a message is the UploadArtifacts RPC: it is behind [`MasterLink`], so a
 //! worker test sees what would be uploaded without a network.
 use crate::runner::BoxFuture;

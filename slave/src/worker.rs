@@ -80,9 +80,8 @@ pub struct BuildCtx {
     cancel: CancellationToken,
     /// Its prepare/setup/subjob tasks.
     tasks: TaskTracker,
-    ws: Mutex<Option<Workspace>>,
-    job: Mutex<Option<proto::JobConfig>>,
-    env: Mutex<Vec<(String, String)>>,
+    /// What Prepare and Setup learnt, read by the build's later work.
+    state: Mutex<BuildState>,
     /// setup_build was started here, so teardown_build must run.
     setup_ran: AtomicBool,
     /// The workspace exists (a Prepare or Setup finished).
@@ -98,26 +97,44 @@ impl BuildCtx {
             seq,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            ws: Mutex::new(None),
-            job: Mutex::new(None),
-            env: Mutex::new(Vec::new()),
+            state: Mutex::default(),
             setup_ran: AtomicBool::new(false),
             held: AtomicBool::new(false),
             set_up: AtomicBool::new(false),
         }
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, BuildState> {
+        self.state.lock().expect("poisoned")
+    }
+
     fn workspace(&self) -> Option<Workspace> {
-        self.ws.lock().expect("poisoned").clone()
+        self.state().ws.clone()
     }
 
     fn job(&self) -> Option<proto::JobConfig> {
-        self.job.lock().expect("poisoned").clone()
+        self.state().job.clone()
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        self.env.lock().expect("poisoned").clone()
+        self.state().env.clone()
     }
+}
+
+/// A build's workspace, job config and `env` (later entries win), once Prepare or Setup set them.
+#[derive(Debug, Default)]
+struct BuildState {
+    ws: Option<Workspace>,
+    job: Option<proto::JobConfig>,
+    env: Vec<(String, String)>,
+}
+
+/// What the slave holds for the master: its builds and the attempts it has not acknowledged.
+/// One lock, so a report to a new session sees builds and attempts at one instant.
+#[derive(Debug, Default)]
+struct Held {
+    builds: HashMap<u64, Arc<BuildCtx>>,
+    attempts: BTreeMap<u64, AttemptState>,
 }
 
 /// An attempt this slave runs (or ran and the master has not acknowledged yet).
@@ -135,8 +152,7 @@ struct AttemptState {
 pub struct Worker {
     /// Settings and services.
     pub shared: Arc<Shared>,
-    builds: Mutex<HashMap<u64, Arc<BuildCtx>>>,
-    attempts: Mutex<BTreeMap<u64, AttemptState>>,
+    held: Mutex<Held>,
     outbox: mpsc::Sender<Up>,
     /// Taken by the current session's pump.
     pub outbox_rx: tokio::sync::Mutex<mpsc::Receiver<Up>>,
@@ -155,8 +171,7 @@ impl Worker {
         Arc::new(Self {
             grace: Duration::from_millis(shared.cfg.kill_grace_ms),
             shared,
-            builds: Mutex::default(),
-            attempts: Mutex::default(),
+            held: Mutex::default(),
             outbox,
             outbox_rx: tokio::sync::Mutex::new(rx),
             live,
@@ -167,6 +182,10 @@ impl Worker {
                 next: std::sync::atomic::AtomicU64::new(1),
             },
         })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().expect("poisoned")
     }
 
     /// Publishes the live session (or its end, with `None`).
@@ -189,9 +208,8 @@ impl Worker {
     }
 
     fn build(&self, id: u64) -> Arc<BuildCtx> {
-        self.builds
-            .lock()
-            .expect("poisoned")
+        self.held()
+            .builds
             .entry(id)
             .or_insert_with(|| {
                 let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
@@ -201,25 +219,19 @@ impl Worker {
     }
 
     fn existing(&self, id: u64) -> Option<Arc<BuildCtx>> {
-        self.builds.lock().expect("poisoned").get(&id).cloned()
+        self.held().builds.get(&id).cloned()
     }
 
     fn all_builds(&self) -> Vec<Arc<BuildCtx>> {
-        self.builds
-            .lock()
-            .expect("poisoned")
-            .values()
-            .cloned()
-            .collect()
+        self.held().builds.values().cloned().collect()
     }
 
     /// What this slave holds, for its Register: attempts not acknowledged yet, and builds with a
     /// workspace.
     pub fn report(&self) -> (Vec<proto::AttemptReport>, Vec<proto::HeldBuild>) {
-        let attempts = self
+        let held = self.held();
+        let attempts = held
             .attempts
-            .lock()
-            .expect("poisoned")
             .values()
             .map(|a| proto::AttemptReport {
                 build_id: a.run.build_id,
@@ -231,9 +243,9 @@ impl Worker {
                 done: a.done,
             })
             .collect();
-        let builds = self
-            .all_builds()
-            .into_iter()
+        let builds = held
+            .builds
+            .values()
             .filter(|b| b.held.load(Ordering::SeqCst))
             .map(|b| proto::HeldBuild {
                 build_id: b.id,
@@ -289,7 +301,7 @@ impl Worker {
             Down::RunSubjob(r) => {
                 let b = self.build(r.build_id);
                 let cancel = b.cancel.child_token();
-                self.attempts.lock().expect("poisoned").insert(
+                self.held().attempts.insert(
                     r.attempt,
                     AttemptState {
                         run: r.clone(),
@@ -313,14 +325,15 @@ impl Worker {
                 let w = self.clone();
                 // Work that arrives for the build after this Teardown gets a fresh workspace;
                 // this one is finished and deleted in the background.
-                let ctx = self.builds.lock().expect("poisoned").remove(&t.build_id);
-                if let Some(b) = &ctx {
-                    // The master wants nothing more of this build here.
-                    self.attempts
-                        .lock()
-                        .expect("poisoned")
-                        .retain(|_, a| a.run.build_id != b.id);
-                }
+                let ctx = {
+                    let mut held = self.held();
+                    let ctx = held.builds.remove(&t.build_id);
+                    if ctx.is_some() {
+                        // The master wants nothing more of this build here.
+                        held.attempts.retain(|_, a| a.run.build_id != t.build_id);
+                    }
+                    ctx
+                };
                 tasks.spawn(async move {
                     let result = match ctx {
                         Some(b) => w.teardown(&b).await,
@@ -334,10 +347,10 @@ impl Worker {
                 });
             }
             Down::SubjobAck(a) => {
-                self.attempts.lock().expect("poisoned").remove(&a.attempt);
+                self.held().attempts.remove(&a.attempt);
             }
             Down::DropAttempt(d) => {
-                if let Some(a) = self.attempts.lock().expect("poisoned").remove(&d.attempt) {
+                if let Some(a) = self.held().attempts.remove(&d.attempt) {
                     tracing::info!(
                         build = d.build_id,
                         attempt = d.attempt,
@@ -410,7 +423,7 @@ impl Worker {
             .fetch_all(&ws.project_dir, &remote_files)
             .await
             .map_err(ProjectError::RemoteFile)?;
-        *b.ws.lock().expect("poisoned") = Some(ws.clone());
+        b.state().ws = Some(ws.clone());
         Ok(ws)
     }
 
@@ -434,8 +447,7 @@ impl Worker {
         p: proto::Prepare,
         result: &mut proto::PrepareResult,
     ) -> Result<(), PrepareError> {
-        *b.env.lock().expect("poisoned") =
-            p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        b.state().env = p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let ws = self.materialize(b, p.project.unwrap_or_default()).await?;
         b.held.store(true, Ordering::SeqCst);
         result.commit = ws.commit.clone();
@@ -487,7 +499,7 @@ impl Worker {
                 ));
             }
         }
-        *b.job.lock().expect("poisoned") = Some(job.clone());
+        b.state().job = Some(job.clone());
         result.job = Some(job);
         Ok(())
     }
@@ -506,10 +518,9 @@ impl Worker {
     }
 
     async fn set_up(&self, b: &BuildCtx, s: proto::Setup) -> Result<(), SetupError> {
-        *b.env.lock().expect("poisoned") =
-            s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        b.state().env = s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let job = s.job.clone().unwrap_or_default();
-        *b.job.lock().expect("poisoned") = Some(job.clone());
+        b.state().job = Some(job.clone());
         let ws = self.materialize(b, s.project.unwrap_or_default()).await?;
         b.held.store(true, Ordering::SeqCst);
         b.setup_ran.store(true, Ordering::SeqCst);
@@ -557,15 +568,13 @@ impl Worker {
         let _ = tokio::task::spawn_blocking(move || workspaces.remove(id, seq)).await;
         {
             // Only this workspace's record: new work for the build may already have its own.
-            let mut builds = self.builds.lock().expect("poisoned");
+            let mut held = self.held();
+            let builds = &mut held.builds;
             if builds.get(&b.id).is_some_and(|cur| Arc::ptr_eq(cur, b)) {
                 builds.remove(&b.id);
             }
         }
-        self.attempts
-            .lock()
-            .expect("poisoned")
-            .retain(|_, a| a.run.build_id != b.id);
+        self.held().attempts.retain(|_, a| a.run.build_id != b.id);
         result
     }
 
@@ -590,12 +599,12 @@ impl Worker {
             let Some(result) = self.run_atom(b, &ws, &job, &r, atom, &cancel).await else {
                 break;
             };
-            if let Some(a) = self.attempts.lock().expect("poisoned").get_mut(&r.attempt) {
+            if let Some(a) = self.held().attempts.get_mut(&r.attempt) {
                 a.results.push(result);
             }
             self.send(Up::AtomResult(result)).await;
         }
-        if let Some(a) = self.attempts.lock().expect("poisoned").get_mut(&r.attempt) {
+        if let Some(a) = self.held().attempts.get_mut(&r.attempt) {
             a.done = true;
         }
         self.send(Up::SubjobDone(done)).await;
