@@ -311,6 +311,9 @@ pub async fn run_collect(
     collect_with(&Processes, spec, cancel, grace, limit).await
 }
 
+/// An atomizer's outcome and whole output, or the output's size when it was over the limit.
+pub type Collected = (Outcome, Result<Vec<u8>, usize>);
+
 /// [`run_collect`] with `runner`.
 pub fn collect_with(
     runner: &dyn CommandRunner,
@@ -318,7 +321,7 @@ pub fn collect_with(
     cancel: CancellationToken,
     grace: Duration,
     limit: usize,
-) -> BoxFuture<std::io::Result<(Outcome, Result<Vec<u8>, usize>)>> {
+) -> BoxFuture<std::io::Result<Collected>> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
     let run = runner.run(spec, Some(tx), cancel, grace);
     Box::pin(async move {

@@ -387,7 +387,7 @@ impl Worker {
         spec: CommandSpec,
         cancel: CancellationToken,
         limit: usize,
-    ) -> std::io::Result<(runner::Outcome, Result<Vec<u8>, usize>)> {
+    ) -> std::io::Result<runner::Collected> {
         runner::collect_with(&*self.shared.runner, spec, cancel, self.grace, limit).await
     }
 
