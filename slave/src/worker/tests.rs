@@ -2,9 +2,11 @@
 //! recording [`MasterLink`] instead of the UploadArtifacts RPC, and the outbox read directly
 //! instead of a session. Projects are "directory" projects in a temporary directory (no git).
 use super::*;
+use crate::artifacts::{CONSOLE_FILE, UPLOAD_MANIFEST};
 use crate::link::MasterLink;
 use crate::runner::{BoxFuture, Outcome};
 use ish_core::proto::project_source::Kind;
+use std::path::{Path, PathBuf};
 
 /// What a scripted command does.
 #[derive(Debug, Clone)]
