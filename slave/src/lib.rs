@@ -13,8 +13,28 @@
 //! When the master goes away the slave stops its work (the master re-queues it) and reconnects
 //! with jittered exponential back-off; it never exits on its own for that. It exits when told to
 //! shut down (SIGTERM → `shutdown`), when drained, or when the master refuses its secret.
+//!
+//! Rooms: [`session`] is one connection (register, relay messages both ways); [`worker`] is what
+//! the slave holds and does across sessions (the logic above); it runs commands through
+//! [`runner::CommandRunner`] (processes under the [`reaper`] in production), uploads through
+//! [`link::MasterLink`] (the UploadArtifacts RPC) and gets projects from [`project`] ([`git`]
+//! cache and workspaces, [`remote`] files). `console` keeps an atom's console bounded on disk,
+//! `artifacts` lists what an atom left in `$ARTIFACT_DIR`; [`error`] says why a step failed and
+//! whether another slave could manage.
+//!
+//! Locks, and why each is one: the worker's `held` (its builds and unacknowledged attempts:
+//! message handlers and work tasks change them, a new session reports them at one instant), a
+//! build's `state` (workspace, job and env written by Prepare/Setup and read by the build's later
+//! tasks), the free list of empty `$ARTIFACT_DIR`s (taken and given back by atoms of any build),
+//! and the outbox receiver (an async lock: the current session's pump holds it, the next session's
+//! waits until the old pump is gone, so messages never go out of order). None is held across an
+//! `.await` except the outbox's.
+mod artifacts;
 pub mod config;
+mod console;
+pub mod error;
 pub mod git;
+pub mod link;
 pub mod project;
 pub mod reaper;
 pub mod remote;
@@ -22,6 +42,7 @@ pub mod runner;
 pub mod session;
 pub mod worker;
 
+pub use artifacts::{CONSOLE_FILE, UPLOAD_MANIFEST};
 pub use config::SlaveConfig;
 
 use rand::Rng;
@@ -85,6 +106,7 @@ pub async fn run(
             Duration::from_millis(cfg.remote_file_timeout_ms),
         ),
         inherited_env: runner::inherited_env(&cfg.pass_env),
+        runner: Arc::new(runner::Processes),
         auth,
         cfg,
     });
@@ -145,14 +167,6 @@ async fn leave_offline(worker: &std::sync::Arc<Worker>, tasks: &mut tokio::task:
     let budget = Duration::from_millis(worker.shared.cfg.shutdown_teardown_ms);
     let _ = tokio::time::timeout(budget, worker.teardown_all()).await;
 }
-
-/// Name of an atom's console file in its results.
-pub const CONSOLE_FILE: &str = "clusterrunner_console_output";
-
-/// Name of the first file of every artifact upload: the names and sizes of the files that follow,
-/// so the master can leave out a file the upload cut short. The same name is in
-/// `ish_master::results::UPLOAD_MANIFEST`; an atom's own file of that name is left out.
-pub const UPLOAD_MANIFEST: &str = ".ish-upload-manifest";
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

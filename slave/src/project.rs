@@ -7,6 +7,7 @@
 //! - `builds/<build_id>.<seq>/artifacts/` — `$ARTIFACT_DIR`s of running atoms.
 //!
 //! Everything here blocks (git, file system); callers use `spawn_blocking`.
+use crate::error::ProjectError;
 use crate::git::{FetchRequest, GitCredentials, RepoCache};
 use ish_core::jobconfig;
 use ish_core::proto::{self, project_source::Kind};
@@ -56,10 +57,11 @@ impl Workspaces {
         id: u64,
         seq: u64,
         spec: &proto::ProjectSpec,
-    ) -> Result<Workspace, String> {
+    ) -> Result<Workspace, ProjectError> {
         let build_dir = self.build_dir(id, seq);
-        std::fs::create_dir_all(&build_dir)
-            .map_err(|e| format!("Could not create {}: {e}", build_dir.display()))?;
+        std::fs::create_dir_all(&build_dir).map_err(|e| {
+            ProjectError::Workspace(format!("Could not create {}: {e}", build_dir.display()))
+        })?;
         let sub = spec.project_directory.trim_matches('/');
         // Path::join("") would add a trailing slash to $PROJECT_DIR.
         let under = |base: &Path| {
@@ -70,15 +72,17 @@ impl Workspaces {
             }
         };
         match spec.source.as_ref().and_then(|s| s.kind.as_ref()) {
-            None => Err("The build request has no project source.".into()),
+            None => Err(ProjectError::Workspace(
+                "The build request has no project source.".into(),
+            )),
             Some(Kind::Directory(d)) => {
                 let dir = under(Path::new(&d.path));
                 if !dir.is_dir() {
-                    return Err(format!(
+                    return Err(ProjectError::Workspace(format!(
                         "Could not find the directory \"{}\" on {}. Note that if you are running Ish CD on multiple hosts, \"directory\" type builds need that directory on every slave.",
                         dir.display(),
                         hostname()
-                    ));
+                    )));
                 }
                 Ok(Workspace {
                     build_dir,
@@ -100,32 +104,35 @@ impl Workspaces {
                     } else {
                         spec.commit.as_str()
                     };
-                    let commit = self
-                        .repos
-                        .fetch(&FetchRequest {
-                            url: &g.url,
-                            remote: &g.remote,
-                            branch: &g.branch,
-                            hash,
-                        })
-                        .map_err(|e| e.to_string())?;
+                    let commit = self.repos.fetch(&FetchRequest {
+                        url: &g.url,
+                        remote: &g.remote,
+                        branch: &g.branch,
+                        hash,
+                    })?;
                     if src.exists() {
-                        std::fs::remove_dir_all(&src)
-                            .map_err(|e| format!("Could not clean {}: {e}", src.display()))?;
+                        std::fs::remove_dir_all(&src).map_err(|e| {
+                            ProjectError::Workspace(format!(
+                                "Could not clean {}: {e}",
+                                src.display()
+                            ))
+                        })?;
                     }
-                    self.repos
-                        .checkout(&g.url, &commit, &src)
-                        .map_err(|e| e.to_string())?;
-                    std::fs::write(&marker, &commit)
-                        .map_err(|e| format!("Could not write {}: {e}", marker.display()))?;
+                    self.repos.checkout(&g.url, &commit, &src)?;
+                    std::fs::write(&marker, &commit).map_err(|e| {
+                        ProjectError::Workspace(format!(
+                            "Could not write {}: {e}",
+                            marker.display()
+                        ))
+                    })?;
                     commit
                 };
                 let project_dir = under(&src);
                 if !project_dir.is_dir() {
-                    return Err(format!(
+                    return Err(ProjectError::Workspace(format!(
                         "The project_directory \"{sub}\" does not exist in {} at commit {commit}.",
                         g.url
-                    ));
+                    )));
                 }
                 Ok(Workspace {
                     build_dir,

@@ -226,6 +226,39 @@ pub async fn run(
     })
 }
 
+/// A future the worker can hold across tasks (boxed so that the seams below stay object safe).
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+/// What runs a build's commands (atomizers, setup, atoms, teardown): the seam between the
+/// worker's logic and processes, so that the worker is unit tested with a scripted fake.
+pub trait CommandRunner: Send + Sync + std::fmt::Debug {
+    /// Runs `spec` like [`run`]: output to `output` as it arrives, stopped by `cancel` (TERM,
+    /// then KILL after `grace`); resolves when the command and everything it started are gone.
+    fn run(
+        &self,
+        spec: CommandSpec,
+        output: Option<mpsc::Sender<Vec<u8>>>,
+        cancel: CancellationToken,
+        grace: Duration,
+    ) -> BoxFuture<std::io::Result<Outcome>>;
+}
+
+/// The real runner: `bash -o pipefail` in its own process group under the reaper ([`run`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Processes;
+
+impl CommandRunner for Processes {
+    fn run(
+        &self,
+        spec: CommandSpec,
+        output: Option<mpsc::Sender<Vec<u8>>>,
+        cancel: CancellationToken,
+        grace: Duration,
+    ) -> BoxFuture<std::io::Result<Outcome>> {
+        Box::pin(run(spec, output, cancel, grace))
+    }
+}
+
 /// Runs `spec` and returns its outcome with the last `keep` bytes of its output (for error
 /// messages of setup, teardown and atomizers).
 pub async fn run_capture(
@@ -234,23 +267,37 @@ pub async fn run_capture(
     grace: Duration,
     keep: usize,
 ) -> std::io::Result<(Outcome, Vec<u8>)> {
+    capture_with(&Processes, spec, cancel, grace, keep).await
+}
+
+/// [`run_capture`] with `runner`.
+pub fn capture_with(
+    runner: &dyn CommandRunner,
+    spec: CommandSpec,
+    cancel: CancellationToken,
+    grace: Duration,
+    keep: usize,
+) -> BoxFuture<std::io::Result<(Outcome, Vec<u8>)>> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
-    let collect = tokio::spawn(async move {
-        let mut out = Vec::new();
-        while let Some(chunk) = rx.recv().await {
-            out.extend_from_slice(&chunk);
-            if out.len() > keep.saturating_mul(2).max(CHUNK) {
+    let run = runner.run(spec, Some(tx), cancel, grace);
+    Box::pin(async move {
+        let collect = tokio::spawn(async move {
+            let mut out = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                out.extend_from_slice(&chunk);
+                if out.len() > keep.saturating_mul(2).max(CHUNK) {
+                    out.drain(..out.len() - keep);
+                }
+            }
+            if out.len() > keep {
                 out.drain(..out.len() - keep);
             }
-        }
-        if out.len() > keep {
-            out.drain(..out.len() - keep);
-        }
-        out
-    });
-    let outcome = run(spec, Some(tx), cancel, grace).await?;
-    let out = collect.await.unwrap_or_default();
-    Ok((outcome, out))
+            out
+        });
+        let outcome = run.await?;
+        let out = collect.await.unwrap_or_default();
+        Ok((outcome, out))
+    })
 }
 
 /// Runs `spec` and returns its whole output, refusing to keep more than `limit` bytes (atomizers:
@@ -261,21 +308,38 @@ pub async fn run_collect(
     grace: Duration,
     limit: usize,
 ) -> std::io::Result<(Outcome, Result<Vec<u8>, usize>)> {
+    collect_with(&Processes, spec, cancel, grace, limit).await
+}
+
+/// An atomizer's outcome and whole output, or the output's size when it was over the limit.
+pub type Collected = (Outcome, Result<Vec<u8>, usize>);
+
+/// [`run_collect`] with `runner`.
+pub fn collect_with(
+    runner: &dyn CommandRunner,
+    spec: CommandSpec,
+    cancel: CancellationToken,
+    grace: Duration,
+    limit: usize,
+) -> BoxFuture<std::io::Result<Collected>> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
-    let collect = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let mut total = 0usize;
-        while let Some(chunk) = rx.recv().await {
-            total += chunk.len();
-            if total <= limit {
-                out.extend_from_slice(&chunk);
+    let run = runner.run(spec, Some(tx), cancel, grace);
+    Box::pin(async move {
+        let collect = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut total = 0usize;
+            while let Some(chunk) = rx.recv().await {
+                total += chunk.len();
+                if total <= limit {
+                    out.extend_from_slice(&chunk);
+                }
             }
-        }
-        if total > limit { Err(total) } else { Ok(out) }
-    });
-    let outcome = run(spec, Some(tx), cancel, grace).await?;
-    let out = collect.await.unwrap_or(Err(0));
-    Ok((outcome, out))
+            if total > limit { Err(total) } else { Ok(out) }
+        });
+        let outcome = run.await?;
+        let out = collect.await.unwrap_or(Err(0));
+        Ok((outcome, out))
+    })
 }
 
 #[cfg(test)]

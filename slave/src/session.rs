@@ -7,6 +7,7 @@
 //! Leaving: on shutdown (SIGTERM) or a Drain from the master the slave tells the master it is
 //! draining, lets running work finish (within `shutdown_grace_ms` on shutdown), stops the rest,
 //! says GoingAway, tears its builds down and ends.
+use crate::link::GrpcLink;
 use crate::worker::{Live, Worker};
 use ish_core::proto::{self, master_message::Msg as Down, slave_message::Msg as Up};
 use std::sync::Arc;
@@ -107,7 +108,7 @@ pub async fn run_session(
     worker.set_live(Some(Live {
         epoch,
         slave_id: registered.slave_id,
-        link,
+        link: Arc::new(GrpcLink(link)),
     }));
     // The pump owns the outbox for the life of the session (and gives it back when aborted).
     let pump = {
