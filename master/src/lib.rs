@@ -4,13 +4,16 @@
 //!
 //! Data flow:
 //! ```text
-//! gRPC (grpc.rs) ──Command──▶ actor task (actor.rs) owns Core (core.rs) ──MasterMessage──▶ slave streams
-//!      ▲                              │  point writes              │ ResultsJob
-//!      └── snapshots / files          ▼                            ▼
-//!                                 sled (store.rs)         results queue (results.rs, archive.rs)
+//! gRPC (grpc.rs) ─typed calls─▶ MasterHandle (actor.rs) ─Command─▶ engine actor, owns Core (engine/)
+//!      ▲                                                            │ point writes   │ ResultsJob    │ MasterMessage
+//!      └── snapshots / files                                        ▼                ▼               ▼
+//!                                                        sled (store.rs)   results queue     slave streams
+//!                                                                          (results.rs, archive.rs)
 //! ```
-//! Everything durable is in sled under `<data_dir>/db`; result files and archives under
-//! `<data_dir>/results/<build>/`. On start the core reloads every build and resumes unfinished ones.
+//! Commands are grouped by caller (`command.rs`), ids are typed where they cross modules
+//! (`ids.rs`), and the engine reads time only from its `Clock` (`clock.rs`). Everything durable
+//! is in sled under `<data_dir>/db`; result files under `<data_dir>/results/<build>/`. On start
+//! the engine reloads every build and resumes unfinished ones.
 pub mod actor;
 pub mod archive;
 pub mod clock;
