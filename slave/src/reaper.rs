@@ -233,18 +233,20 @@ mod tests {
             .unwrap();
         let sh = child.id() as i32;
         let me = std::process::id() as i32;
+        // Wait for the shell's own child: other tests' processes are below `me` too, so a count
+        // of everything below it says nothing about this shell.
         let deadline = Instant::now() + Duration::from_secs(5);
-        let below = loop {
-            let below = descendants(me);
-            if below.len() >= 2 || Instant::now() > deadline {
-                break below;
+        let sleep = loop {
+            let sleep = descendants(sh);
+            if !sleep.is_empty() || Instant::now() > deadline {
+                break sleep;
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        assert!(below.contains(&sh), "{below:?}");
-        let sleep: Vec<i32> = descendants(sh);
         assert_eq!(sleep.len(), 1, "{sleep:?}");
-        assert!(below.contains(&sleep[0]));
+        let below = descendants(me);
+        assert!(below.contains(&sh), "{below:?}");
+        assert!(below.contains(&sleep[0]), "{below:?}");
         let _ = kill(Pid::from_raw(sleep[0]), Signal::SIGKILL);
         child.wait().unwrap();
         assert!(descendants(sh).is_empty());
