@@ -104,6 +104,13 @@ impl From<tonic::Status> for ApiError {
     /// before this generic conversion (which treats it as a bad request).
     fn from(s: tonic::Status) -> Self {
         let msg = s.message().to_string();
+        // A status with a source error was made by the gateway's own gRPC client from a
+        // transport failure (the connection reset or the stream cut by a master killed mid-call);
+        // one the master sent has none. Either way the master is not reachable: 503, whatever
+        // code tonic chose for the failure (Internal, Unknown or Cancelled for h2 resets).
+        if std::error::Error::source(&s).is_some() && s.code() != Code::Unauthenticated {
+            return Self::Unavailable(msg);
+        }
         match s.code() {
             Code::NotFound => Self::NotFound(msg),
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {

@@ -87,6 +87,14 @@ mod tests {
         for (s, code) in cases {
             assert_eq!(ApiError::from(s).status().as_u16(), code);
         }
+        // What the gateway's own client makes of a connection cut by a dying master carries the
+        // transport error as its source: unreachable, not an internal error of the master's.
+        let cut = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset",
+        )));
+        assert_ne!(cut.code(), tonic::Code::Unavailable);
+        assert_eq!(ApiError::from(cut).status().as_u16(), 503);
         let (st, b) = body(render(ApiError::from(tonic::Status::internal(
             "secret detail",
         ))))
