@@ -7,7 +7,7 @@ use crate::engine::{Core, CoreConfig};
 use crate::error::{MasterError, Result};
 use crate::ids::{AtomRef, AttemptId, BuildId, SlaveId};
 use crate::results::{self, ResultsLayout};
-use crate::store::Store;
+use crate::storage::Store;
 use ish_core::proto::{self, slave_message::Msg as Up};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -7,12 +7,12 @@
 //! gRPC (grpc.rs) ─typed calls─▶ MasterHandle (actor.rs) ─Command─▶ engine actor, owns Core (engine/)
 //!      ▲                                                            │ point writes   │ ResultsJob    │ MasterMessage
 //!      └── snapshots / files                                        ▼                ▼               ▼
-//!                                                        sled (store.rs)   results queue     slave streams
+//!                                                        sled (storage/)   results queue     slave streams
 //!                                                                          (results.rs, archive.rs)
 //! ```
 //! Commands are grouped by caller (`command.rs`), ids are typed where they cross modules
 //! (`ids.rs`), and the engine reads time only from its `Clock` (`clock.rs`). Everything durable
-//! is in sled under `<data_dir>/db`; result files under `<data_dir>/results/<build>/`. On start
+//! is in sled under `<data_dir>/db`, behind one storage trait per domain (`storage/`); result files under `<data_dir>/results/<build>/`. On start
 //! the engine reloads every build and resumes unfinished ones.
 pub mod actor;
 pub mod archive;
@@ -26,7 +26,7 @@ pub mod ids;
 pub mod listener;
 pub mod metrics;
 pub mod results;
-pub mod store;
+pub mod storage;
 /// Streaming ZIP writer for `results.zip`: constant memory whatever the entry count.
 pub mod zipstream;
 
@@ -54,7 +54,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), MasterError> {
-    let store = store::Store::open(&cfg.data_dir.join("db"))?;
+    let store = storage::Store::open(&cfg.data_dir.join("db"))?;
     let layout = results::ResultsLayout::new(cfg.data_dir.join("results"));
     let core_cfg = engine::CoreConfig {
         heartbeat_interval: Duration::from_millis(cfg.heartbeat_interval_ms),

@@ -56,7 +56,7 @@ pub struct ArchivedAtom {
 #[derive(Debug, Clone)]
 pub struct TimingHistory {
     /// The database.
-    pub store: crate::store::Store,
+    pub store: crate::storage::Store,
     /// Project the job belongs to.
     pub project_key: String,
     /// Job name.

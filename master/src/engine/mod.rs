@@ -44,7 +44,7 @@ use crate::command::{Command, Durable, Internal};
 use crate::error::MasterError;
 use crate::metrics::Metrics;
 use crate::results::{ResultsJob, ResultsLayout};
-use crate::store::Store;
+use crate::storage::Store;
 use ish_core::proto::{self, master_message::Msg as Down};
 use ish_core::state::BuildEvent;
 use model::{Attempt, Build, Slave};

@@ -1,5 +1,6 @@
-//! The master's database (sled). Every durable fact of the cluster lives here; everything else
-//! the master holds in memory is derived from it at start-up.
+//! The builds domain on sled ([`BuildStore`]), and the owner of the database every sled store
+//! shares. Every durable fact of a build lives here; everything else the master holds in memory
+//! is derived from it at start-up.
 //!
 //! Trees:
 //! - `builds`: build id (BE u64) -> `StoredBuild` (prost)
@@ -11,9 +12,11 @@
 //! - `timing_buckets`: project key + job name + bucket -> `StoredTimings` (see storage.proto)
 //! - `meta`: counters (`next_build_id`)
 //!
-//! sled is synchronous: small point reads/writes are called directly (microseconds, page cache),
-//! flushes go through `flush_async` so the actor is not blocked on the disk.
+//! sled is synchronous: the build engine calls the inherent methods directly from its actor
+//! (microseconds, page cache) and makes them durable with [`Store::flush`], its group commit.
+//! The [`BuildStore`] impl is the same operations behind the async trait.
 use crate::error::{MasterError, Result};
+use crate::storage::{BoxFuture, BuildStore, Stores};
 use ish_core::proto;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
@@ -427,6 +430,130 @@ impl Store {
         self.db.flush_async().await?;
         Ok(())
     }
+
+    /// Every domain's store on this database.
+    pub fn stores(&self) -> Result<Stores> {
+        Ok(Stores {
+            builds: std::sync::Arc::new(self.clone()),
+            catalog: std::sync::Arc::new(super::SledCatalog::open(&self.db)?),
+            schedules: std::sync::Arc::new(super::SledSchedules::open(&self.db)?),
+            audit: std::sync::Arc::new(super::SledAudit::open(&self.db)?),
+        })
+    }
+}
+
+/// A point write made durable before it answers, as the trait promises.
+async fn durable(store: &Store, write: Result<()>) -> Result<()> {
+    write?;
+    store.flush().await
+}
+
+impl BuildStore for Store {
+    fn next_build_id(&self) -> BoxFuture<'_, u64> {
+        Box::pin(async move {
+            let id = Store::next_build_id(self)?;
+            self.flush().await?;
+            Ok(id)
+        })
+    }
+
+    fn reserve_attempts(&self, count: u64) -> BoxFuture<'_, u64> {
+        Box::pin(async move {
+            let first = Store::reserve_attempts(self, count)?;
+            self.flush().await?;
+            Ok(first)
+        })
+    }
+
+    fn put_build(&self, rec: proto::StoredBuild) -> BoxFuture<'_, ()> {
+        Box::pin(async move { durable(self, Store::put_build(self, &rec)).await })
+    }
+
+    fn load_builds(&self) -> BoxFuture<'_, Vec<proto::StoredBuild>> {
+        Box::pin(async move { Store::load_builds(self) })
+    }
+
+    fn put_grouping(&self, build: u64, atoms: Vec<proto::Atom>) -> BoxFuture<'_, ()> {
+        Box::pin(async move { durable(self, self.put_atoms(build, &atoms)).await })
+    }
+
+    fn put_atom(&self, build: u64, atom: proto::Atom) -> BoxFuture<'_, ()> {
+        Box::pin(async move { durable(self, Store::put_atom(self, build, &atom)).await })
+    }
+
+    fn load_atoms_range(
+        &self,
+        build: u64,
+        subjobs: std::ops::Range<u32>,
+    ) -> BoxFuture<'_, Vec<proto::Atom>> {
+        Box::pin(async move { Store::load_atoms_range(self, build, subjobs) })
+    }
+
+    fn get_atom(&self, build: u64, subjob: u32, atom: u32) -> BoxFuture<'_, Option<proto::Atom>> {
+        Box::pin(async move { Store::get_atom(self, build, subjob, atom) })
+    }
+
+    fn put_attempts(&self, build: u64, subjob: u32, attempts: u32) -> BoxFuture<'_, ()> {
+        Box::pin(
+            async move { durable(self, Store::put_attempts(self, build, subjob, attempts)).await },
+        )
+    }
+
+    fn load_attempts_range(
+        &self,
+        build: u64,
+        subjobs: std::ops::Range<u32>,
+    ) -> BoxFuture<'_, Vec<(u32, u32)>> {
+        Box::pin(async move { Store::load_attempts_range(self, build, subjobs) })
+    }
+
+    fn clear_build_details(&self, build: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move { durable(self, Store::clear_build_details(self, build)).await })
+    }
+
+    fn put_atoms_override(&self, build: u64, atoms: Vec<String>) -> BoxFuture<'_, ()> {
+        Box::pin(async move { durable(self, Store::put_atoms_override(self, build, &atoms)).await })
+    }
+
+    fn atoms_override(&self, build: u64) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(async move { Store::atoms_override(self, build) })
+    }
+
+    fn remove_atoms_override(&self, build: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move { durable(self, Store::remove_atoms_override(self, build)).await })
+    }
+
+    fn timings(
+        &self,
+        project_key: String,
+        job: String,
+        atoms: Vec<String>,
+    ) -> BoxFuture<'_, HashMap<String, f64>> {
+        Box::pin(async move {
+            Store::timings(self, &project_key, &job, atoms.iter().map(String::as_str))
+        })
+    }
+
+    fn merge_timings(
+        &self,
+        project_key: String,
+        job: String,
+        times: Vec<(String, f64)>,
+    ) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let write = Store::merge_timings(
+                self,
+                &project_key,
+                &job,
+                times.iter().map(|(a, s)| (a.as_str(), *s)),
+            );
+            durable(self, write).await
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move { Store::flush(self).await })
+    }
 }
 
 fn corrupt(e: prost::DecodeError) -> MasterError {
@@ -471,6 +598,15 @@ fn by_bucket<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The contract every backend passes, on sled: the same database reopened in a temporary
+    /// directory shows what was stored.
+    #[tokio::test]
+    async fn sled_passes_the_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || Store::open(dir.path()).unwrap().stores().unwrap();
+        crate::storage::contract::run_all(&open).await;
+    }
 
     #[test]
     fn ids_increase_and_survive_reopen() {
