@@ -450,11 +450,16 @@ impl Worker {
         result.project_dir = ws.project_dir.display().to_string();
         let dir = ws.project_dir.clone();
         let (job_name, config_json) = (p.job_name, p.config_json);
-        let job =
-            tokio::task::spawn_blocking(move || project::load_job(&dir, &job_name, &config_json))
-                .await
-                .map_err(PrepareError::JobConfigTask)?
-                .map_err(PrepareError::JobConfig)?;
+        let job = match p.job {
+            // Parsed and validated by the master at submit: used as is.
+            Some(job) => job,
+            None => tokio::task::spawn_blocking(move || {
+                project::load_job(&dir, &job_name, &config_json)
+            })
+            .await
+            .map_err(PrepareError::JobConfigTask)?
+            .map_err(PrepareError::JobConfig)?,
+        };
         if !p.atoms_override.is_empty() {
             result.atoms = p.atoms_override;
         } else {

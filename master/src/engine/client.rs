@@ -126,7 +126,7 @@ impl Core {
         proto::ListBuildsResponse { builds, total }
     }
     pub(super) fn submit(&mut self, mut req: proto::BuildRequest) -> Result<u64> {
-        validate_request(&req, self.cfg.max_atoms_per_build)?;
+        let inline_job = validate_request(&req, self.cfg.max_atoms_per_build)?;
         req.request_params_json = if req.request_params_json.is_empty() {
             request_params_json(&req)
         } else {
@@ -142,7 +142,8 @@ impl Core {
             )));
         }
         let id = self.store.next_build_id()?;
-        let b = Build::new(id, req, self.clock.epoch());
+        let mut b = Build::new(id, req, self.clock.epoch());
+        b.inline_job = inline_job;
         if !b.atoms_override.is_empty() {
             self.store.put_atoms_override(id, &b.atoms_override)?;
         }

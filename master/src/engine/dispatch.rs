@@ -303,9 +303,14 @@ impl Core {
                 remote_files: req.remote_files.clone(),
             }),
             job_name: req.job_name.clone(),
-            config_json: req.config_json.clone(),
+            // The parsed config replaces its text (see `Prepare.job`).
+            config_json: match b.inline_job {
+                Some(_) => String::new(),
+                None => req.config_json.clone(),
+            },
             atoms_override: b.atoms_override.clone(),
             env: req.env.clone(),
+            job: b.inline_job.clone(),
         };
         let slave = self.slaves.get_mut(&sid).expect("picked");
         let slot = slave

@@ -56,6 +56,9 @@ pub(super) struct Build {
     pub(super) error: String,
     pub(super) timestamps: Vec<(BuildState, f64)>,
     pub(super) job: Option<proto::JobConfig>,
+    /// The request's inline job config as validation parsed it (sent to the preparing slave,
+    /// so the text is parsed once); `None` when the config comes from the project.
+    pub(super) inline_job: Option<proto::JobConfig>,
     pub(super) commit: String,
     pub(super) project_key: String,
     pub(super) project_dir: String,
@@ -147,6 +150,7 @@ impl Build {
             error: String::new(),
             timestamps: vec![(BuildState::Queued, at)],
             job: None,
+            inline_job: None,
             commit: String::new(),
             project_key,
             project_dir: String::new(),

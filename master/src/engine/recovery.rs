@@ -33,6 +33,13 @@ impl Core {
                 })
                 .collect();
             b.job = rec.job;
+            // Accepted at submit, so it parses; a config this version refuses is the slave's
+            // to report, from the text.
+            if !b.request.config_json.is_empty() && !b.state.is_final() {
+                let job = (!b.request.job_name.is_empty()).then_some(b.request.job_name.as_str());
+                b.inline_job =
+                    ish_core::jobconfig::parse_inline_config_str(&b.request.config_json, job).ok();
+            }
             b.commit = pb.commit;
             b.project_key = rec.project_key;
             b.project_dir = pb.project_dir;

@@ -1050,6 +1050,38 @@ async fn a_storage_error_fails_the_build_and_its_final_state_reaches_the_disk() 
     assert!(b.error_message.contains("Too many open files"), "{b:#?}");
 }
 
+/// An inline config is parsed once, at submit: the preparing slave gets the parsed job, not the
+/// text to parse again — after a restart too.
+#[tokio::test]
+async fn the_preparing_slave_gets_the_inline_config_parsed() {
+    let store = Store::temporary().unwrap();
+    let expected = ish_core::jobconfig::parse_inline_config_str(CONFIG, Some("Job")).unwrap();
+    let id = {
+        let mut h = Harness::with_store(store.clone());
+        let id = h.submit(dir_request(CONFIG)).await;
+        let mut s = h.slave("s", 1);
+        match s.next() {
+            Some(D::Prepare(p)) => {
+                assert_eq!(p.job.as_ref(), Some(&expected));
+                assert_eq!(p.config_json, "", "the text is not sent beside it");
+            }
+            other => panic!("expected Prepare, got {other:?}"),
+        }
+        id
+    };
+    let mut h = Harness::with_store(store);
+    h.core.recover().unwrap();
+    let mut s = h.slave("s", 1);
+    match s.next() {
+        Some(D::Prepare(p)) => {
+            assert_eq!(p.build_id, id);
+            assert_eq!(p.job, Some(expected));
+            assert_eq!(p.config_json, "");
+        }
+        other => panic!("expected Prepare, got {other:?}"),
+    }
+}
+
 /// `atoms_override` is kept apart from the build record: not echoed by status reads (which are
 /// made on every poll), yet still sent to the preparing slave after a restart, and forgotten
 /// once the build is final.

@@ -19,7 +19,12 @@ pub(super) const MAX_REMOTE_FILES: usize = 100;
 pub(super) const MAX_REQUEST_PARAMS_BYTES: usize = 2 << 20;
 
 /// Checks a build request before anything is stored. Messages name the offending field.
-pub fn validate_request(req: &proto::BuildRequest, max_atoms: usize) -> Result<()> {
+/// Returns the inline job config, parsed once here for the build's whole path (the preparing
+/// slave is sent the result).
+pub fn validate_request(
+    req: &proto::BuildRequest,
+    max_atoms: usize,
+) -> Result<Option<proto::JobConfig>> {
     use proto::project_source::Kind;
     match req.source.as_ref().and_then(|s| s.kind.as_ref()) {
         None => {
@@ -90,11 +95,14 @@ pub fn validate_request(req: &proto::BuildRequest, max_atoms: usize) -> Result<(
             "project_directory \"{pd}\" must be a relative path inside the repository, without \"..\"."
         )));
     }
-    if !req.config_json.is_empty() {
+    let inline_job = if req.config_json.is_empty() {
+        None
+    } else {
         let job = (!req.job_name.is_empty()).then_some(req.job_name.as_str());
-        jobconfig::parse_inline_config_str(&req.config_json, job)
+        let parsed = jobconfig::parse_inline_config_str(&req.config_json, job)
             .map_err(|e| invalid(e.to_string()))?;
-    }
+        Some(parsed)
+    };
     if req.atoms_override.iter().any(|a| a.trim().is_empty()) {
         return Err(invalid("atoms_override entries must not be empty."));
     }
@@ -150,7 +158,7 @@ pub fn validate_request(req: &proto::BuildRequest, max_atoms: usize) -> Result<(
             )));
         }
     }
-    Ok(())
+    Ok(inline_job)
 }
 
 /// The request as ClusterRunner's `request_params` (used when the client sent no JSON of its own).

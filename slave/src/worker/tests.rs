@@ -368,6 +368,29 @@ async fn a_project_that_cannot_be_got_fails_prepare_as_retryable() {
     assert!(rig.worker.report().1.is_empty(), "nothing is held");
 }
 
+/// The master sends an inline config already parsed: the slave runs it as given (no
+/// clusterrunner.yaml is looked for, nothing is parsed again).
+#[tokio::test]
+async fn a_config_parsed_by_the_master_is_used_as_given() {
+    let mut rig = rig(vec![("list-tests", exit("x\ny\n", 0))]);
+    let spec = rig.spec();
+    let mut given = job("run-test $T");
+    given.atomizers = vec![proto::Atomizer {
+        variable: "T".into(),
+        command: "list-tests".into(),
+    }];
+    rig.send(Down::Prepare(proto::Prepare {
+        build_id: BUILD,
+        project: Some(spec),
+        job: Some(given.clone()),
+        ..Default::default()
+    }));
+    let r = prepared(&rig).await;
+    assert_eq!(r.error, "", "no project yaml is needed");
+    assert_eq!(r.atoms, ["export T=\"x\";", "export T=\"y\";"]);
+    assert_eq!(r.job, Some(given));
+}
+
 #[tokio::test]
 async fn a_missing_job_config_fails_prepare_as_not_retryable() {
     let mut rig = rig(vec![]);
