@@ -3,7 +3,7 @@ use crate::clock::SharedClock;
 use crate::command::{
     ClientCall, Command, ConsoleLocation, Internal, Reply, SlaveEvent, SlaveTx, UploadGrant,
 };
-use crate::engine::{Core, CoreConfig};
+use crate::engine::{Core, CoreConfig, Flow};
 use crate::error::{MasterError, Result};
 use crate::ids::{AtomRef, AttemptId, BuildId, SlaveId};
 use crate::results::{self, ResultsLayout};
@@ -236,14 +236,16 @@ pub fn start(
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd @ Command::Internal(Internal::Shutdown(_))) => {
-                        core.handle(cmd);
-                        break;
+                    Some(cmd) => {
+                        if core.handle(cmd) == Flow::Stop {
+                            break;
+                        }
                     }
-                    Some(cmd) => core.handle(cmd),
                     None => break,
                 },
-                _ = tick.tick() => core.handle(Internal::Tick.into()),
+                _ = tick.tick() => {
+                    core.handle(Internal::Tick.into());
+                }
             }
         }
         tracing::debug!("master core stopped");

@@ -95,6 +95,15 @@ impl Default for CoreConfig {
     }
 }
 
+/// Whether the actor handles more commands after this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on.
+    Continue,
+    /// Shut down: the core has let go of its slaves and answered the shutdown.
+    Stop,
+}
+
 /// The master's state and scheduling logic. See the module docs.
 #[derive(Debug)]
 pub struct Core {
@@ -206,23 +215,27 @@ impl Core {
         self.events.push_back(e);
     }
 
-    /// Handles one command, then schedules what it made possible.
-    pub fn handle(&mut self, cmd: Command) {
-        match cmd {
-            Command::Client(call) => self.on_client(call),
-            Command::Slave(event) => self.on_slave_event(event),
-            Command::Internal(Internal::Shutdown(done)) => {
-                // Dropping the senders ends the slaves' streams; they reconnect to the next master.
-                self.slaves.clear();
-                let _ = done.send(());
-                return;
+    /// Handles one command, then schedules what it made possible. Says whether the actor goes
+    /// on (it stops after a shutdown).
+    pub fn handle(&mut self, cmd: Command) -> Flow {
+        let flow = match cmd {
+            Command::Client(call) => {
+                self.on_client(call);
+                Flow::Continue
+            }
+            Command::Slave(event) => {
+                self.on_slave_event(event);
+                Flow::Continue
             }
             Command::Internal(event) => self.on_internal(event),
+        };
+        if flow == Flow::Continue {
+            self.settle();
         }
-        self.settle();
+        flow
     }
 
-    fn on_internal(&mut self, event: Internal) {
+    fn on_internal(&mut self, event: Internal) -> Flow {
         match event {
             Internal::Flushed(batch, outcome) => self.flushed(batch, outcome),
             Internal::ArchivesWritten(id, outcome) => self.archives_written(id.0, outcome),
@@ -233,11 +246,15 @@ impl Core {
                 }
             }
             Internal::Tick => self.sweep(self.clock.now()),
-            // Handled by `handle`: nothing is scheduled after it.
             Internal::Shutdown(done) => {
+                // Dropping the senders ends the slaves' streams; they reconnect to the next
+                // master. Nothing is scheduled after this.
+                self.slaves.clear();
                 let _ = done.send(());
+                return Flow::Stop;
             }
         }
+        Flow::Continue
     }
 
     /// Drops slaves whose channel failed and schedules until nothing more can be started.

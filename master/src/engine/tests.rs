@@ -1550,3 +1550,22 @@ async fn queue_batches_of_short_atoms_survive_a_slave_lost_mid_batch() {
     dirs.dedup();
     assert_eq!(dirs.len(), 40, "every atom archived once");
 }
+
+/// A shutdown lets go of every slave stream (so the slaves reconnect to the next master),
+/// answers, and stops the actor; commands before it go on.
+#[tokio::test]
+async fn shutdown_releases_the_slaves_and_stops_the_actor() {
+    let mut h = Harness::new();
+    let mut s = h.slave("s", 1);
+    assert_eq!(h.core.handle(tick()), Flow::Continue);
+    let (tx, mut done) = oneshot::channel();
+    assert_eq!(h.core.handle(Internal::Shutdown(tx).into()), Flow::Stop);
+    assert!(done.try_recv().is_ok(), "the shutdown is answered");
+    assert!(h.core.slaves.is_empty());
+    assert!(s.next().is_none());
+    assert_eq!(
+        s.rx.try_recv().unwrap_err(),
+        mpsc::error::TryRecvError::Disconnected,
+        "the slave's stream ends"
+    );
+}
