@@ -3,13 +3,14 @@ use crate::clock::SharedClock;
 use crate::command::{
     ClientCall, Command, ConsoleLocation, Internal, Reply, SlaveEvent, SlaveTx, UploadGrant,
 };
-use crate::engine::{Core, CoreConfig, Flow};
+use crate::engine::{Core, CoreConfig, Flow, Stored, reads};
 use crate::error::{MasterError, Result};
 use crate::ids::{AtomRef, AttemptId, BuildId, SlaveId};
 use crate::results::{self, ResultsLayout};
-use crate::storage::Store;
+use crate::storage::BuildStore;
 use ish_core::proto::{self, slave_message::Msg as Up};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -22,6 +23,9 @@ const QUEUE: usize = 16_384;
 pub struct MasterHandle {
     tx: mpsc::Sender<Command>,
     changes: broadcast::Sender<u64>,
+    /// Reads of final builds are made here, off the actor (see `engine/reads.rs`).
+    store: Arc<dyn BuildStore>,
+    layout: ResultsLayout,
 }
 
 impl MasterHandle {
@@ -83,18 +87,21 @@ impl MasterHandle {
         offset: u32,
         limit: u32,
     ) -> Result<proto::ListSubjobsResponse> {
-        self.call(|reply| ClientCall::ListSubjobs {
-            build,
-            offset,
-            limit,
-            reply,
-        })
-        .await
+        let answer = self
+            .call(|reply| ClientCall::ListSubjobs {
+                build,
+                offset,
+                limit,
+                reply,
+            })
+            .await?;
+        reads::subjobs(&*self.store, answer).await
     }
 
     /// Where an atom's console can be read.
     pub async fn console(&self, atom: AtomRef) -> Result<ConsoleLocation> {
-        self.call(|r| ClientCall::Console(atom, r)).await
+        let answer = self.call(|r| ClientCall::Console(atom, r)).await?;
+        reads::console(&*self.store, &self.layout, answer).await
     }
 
     /// The results directory of a build whose archives are ready.
@@ -208,12 +215,13 @@ impl Drop for Actor {
 }
 
 /// Loads the stored builds and starts the actor.
-pub fn start(
+pub async fn start(
     cfg: CoreConfig,
     clock: SharedClock,
-    store: Store,
+    store: Arc<dyn BuildStore>,
     layout: ResultsLayout,
 ) -> Result<(MasterHandle, Actor)> {
+    let stored = Stored::load(&*store).await?;
     let (tx, mut rx) = mpsc::channel(QUEUE);
     let (changes, _) = broadcast::channel(1024);
     let (results_tx, results_rx) = mpsc::unbounded_channel();
@@ -223,13 +231,13 @@ pub fn start(
     let mut core = Core::new(
         cfg,
         clock,
-        store,
-        layout,
+        store.clone(),
+        layout.clone(),
         results_tx,
         changes.clone(),
         tx.downgrade(),
     );
-    core.recover()?;
+    core.recover(stored)?;
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -250,5 +258,11 @@ pub fn start(
         }
         tracing::debug!("master core stopped");
     });
-    Ok((MasterHandle { tx, changes }, Actor { task, results }))
+    let handle = MasterHandle {
+        tx,
+        changes,
+        store,
+        layout,
+    };
+    Ok((handle, Actor { task, results }))
 }

@@ -25,6 +25,37 @@ pub struct ConsoleLocation {
     pub complete: bool,
 }
 
+/// A page of subjobs, or where to read it: a final build's atoms are in the store, and the
+/// caller reads them there, off the engine's actor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubjobsAnswer {
+    /// The page, from the engine's memory.
+    Page(proto::ListSubjobsResponse),
+    /// A final build: read subjobs `start..end` of its `total` from the store.
+    Stored {
+        /// Build.
+        build: BuildId,
+        /// First subjob of the page.
+        start: u32,
+        /// End of the page (exclusive).
+        end: u32,
+        /// Subjobs the build has.
+        total: u32,
+        /// The job's command (every subjob shows it).
+        command: String,
+    },
+}
+
+/// Where an atom's console is, or which stored atom tells it (a final build's, read by the
+/// caller off the engine's actor).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConsoleAnswer {
+    /// Known from the engine's memory.
+    Located(ConsoleLocation),
+    /// A final build's atom: where its console is follows from its stored record.
+    Stored(AtomRef),
+}
+
 /// Where an attempt's files go, and how much more the build may upload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UploadGrant {
@@ -79,10 +110,10 @@ pub enum ClientCall {
         /// Max (0 = all).
         limit: u32,
         /// Answer.
-        reply: Reply<proto::ListSubjobsResponse>,
+        reply: Reply<SubjobsAnswer>,
     },
     /// Where an atom's console is.
-    Console(AtomRef, Reply<ConsoleLocation>),
+    Console(AtomRef, Reply<ConsoleAnswer>),
     /// Results directory of a finished build whose archives are ready.
     Archive(BuildId, Reply<PathBuf>),
     /// Connected slaves.
@@ -149,8 +180,24 @@ pub enum Internal {
     /// Periodic housekeeping at the engine clock's time: lose silent slaves, end the resume
     /// grace, retry storage writes.
     Tick,
-    /// A database flush finished: send the answers that waited for it.
-    Flushed(Vec<Durable>, std::result::Result<(), String>),
+    /// A commit of the engine's staged writes finished: send the answers that waited for it,
+    /// or (on an error) stage the batch again.
+    Flushed(
+        Vec<Durable>,
+        std::sync::Arc<crate::storage::BuildBatch>,
+        std::result::Result<(), String>,
+    ),
+    /// The timing history of a build's atoms was read (after its preparation): group them.
+    HistoryRead {
+        /// Build.
+        build: BuildId,
+        /// The preparation's result.
+        prepared: Box<proto::PrepareResult>,
+        /// The job, with the master's defaults applied.
+        job: Box<proto::JobConfig>,
+        /// Recorded seconds by atom command string.
+        timings: std::collections::HashMap<String, f64>,
+    },
     /// The master is stopping: end every slave stream. Builds stay as stored and resume when
     /// the master starts again.
     Shutdown(oneshot::Sender<()>),
@@ -183,4 +230,7 @@ pub enum Durable {
     Ack(SlaveId, AttemptId),
     /// A prepared build: its subjobs may be dispatched.
     Prepared(BuildId),
+    /// A final build's last writes (its atoms' results) are durable: it may leave memory, and
+    /// its attempt directories go.
+    Retired(BuildId),
 }

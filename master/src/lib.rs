@@ -68,7 +68,8 @@ pub async fn serve(
         default_atom_timeout_s: cfg.default_atom_timeout_s,
         default_build_timeout_s: cfg.default_build_timeout_s,
     };
-    let (handle, _actor) = actor::start(core_cfg, clock::system(), store.clone(), layout)?;
+    let builds: std::sync::Arc<dyn storage::BuildStore> = std::sync::Arc::new(store.clone());
+    let (handle, _actor) = actor::start(core_cfg, clock::system(), builds, layout).await?;
     let check = move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
         ish_core::auth::check_metadata(&secret, req.metadata())?;
         Ok(req)

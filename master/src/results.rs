@@ -56,7 +56,7 @@ pub struct ArchivedAtom {
 #[derive(Debug, Clone)]
 pub struct TimingHistory {
     /// The database.
-    pub store: crate::storage::Store,
+    pub store: std::sync::Arc<dyn crate::storage::BuildStore>,
     /// Project the job belongs to.
     pub project_key: String,
     /// Job name.
@@ -65,13 +65,15 @@ pub struct TimingHistory {
 
 impl TimingHistory {
     /// Records the times of the passing atoms: good history even when other atoms failed.
-    pub fn record(&self, atoms: &[ArchivedAtom]) -> crate::error::Result<()> {
+    pub async fn record(&self, atoms: &[ArchivedAtom]) -> crate::error::Result<()> {
         let times = atoms
             .iter()
             .filter(|a| a.exit_code == 0)
-            .map(|a| (a.command_string.as_str(), a.seconds));
+            .map(|a| (a.command_string.clone(), a.seconds))
+            .collect();
         self.store
-            .merge_timings(&self.project_key, &self.job, times)
+            .merge_timings(self.project_key.clone(), self.job.clone(), times)
+            .await
     }
 }
 
@@ -417,9 +419,11 @@ pub async fn run(
                 failures,
                 done,
             } => {
+                let runtime = tokio::runtime::Handle::current();
                 let res = tokio::task::spawn_blocking(move || {
-                    // Off the core: a 200,000-atom build's history took it 100 ms.
-                    if let Err(e) = history.record(&atoms) {
+                    // Off the core and off the async workers: an embedded store does its work
+                    // inside the future, and a 200,000-atom build's history took 100 ms.
+                    if let Err(e) = runtime.block_on(history.record(&atoms)) {
                         tracing::warn!(build, error = %e, "could not update timing history");
                     }
                     prepare_archives(&layout.build_dir(build), &commands, &atoms, &failures)

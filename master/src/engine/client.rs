@@ -1,17 +1,17 @@
 //! Client calls: submit, cancel and the reads of builds, subjobs, consoles and slaves.
-//! Final builds keep only a summary in memory; their atoms are read from the store here.
+//! Final builds keep only a summary in memory: for their subjobs and consoles the answer says
+//! what to read from the store, and the caller reads it off the actor (`reads.rs`).
 use super::Core;
 use super::model::{Build, SlaveBuildState};
+use super::reads::{bad_atom, bad_subjob, completed_console, no_console};
 use super::validate::{MAX_REQUEST_PARAMS_BYTES, request_params_json, validate_request};
 use super::{LIST_PAGE_BYTES, invalid, unknown_build};
-use crate::command::ConsoleLocation;
-use crate::command::{ClientCall, Durable};
+use crate::command::{ClientCall, ConsoleAnswer, ConsoleLocation, Durable, SubjobsAnswer};
 use crate::error::{MasterError, Result};
-use crate::ids::{BuildId, SlaveId};
-use crate::results::CONSOLE_FILE;
+use crate::ids::{AtomRef, BuildId, SlaveId};
+use crate::storage::BuildWrite;
 use ish_core::proto::{self, master_message::Msg as Down};
 use ish_core::state::BuildEvent;
-use std::collections::HashMap;
 
 impl Core {
     /// One client call; every call is answered (a submission only once it is on disk).
@@ -141,13 +141,19 @@ impl Core {
                 req.request_params_json.len()
             )));
         }
-        let id = self.store.next_build_id()?;
+        self.last_build_id += 1;
+        let id = self.last_build_id;
         let mut b = Build::new(id, req, self.clock.epoch());
         b.inline_job = inline_job;
+        self.pending.push(BuildWrite::LastBuildId(id));
         if !b.atoms_override.is_empty() {
-            self.store.put_atoms_override(id, &b.atoms_override)?;
+            self.pending.push(BuildWrite::AtomsOverride {
+                build: id,
+                atoms: b.atoms_override.clone(),
+            });
         }
-        self.store.put_build(&b.to_record())?;
+        self.pending
+            .push(BuildWrite::Build(Box::new(b.to_record())));
         tracing::info!(build = id, "build queued");
         self.builds.insert(id, b);
         self.event(
@@ -167,12 +173,7 @@ impl Core {
         Ok(self.builds[&id].to_proto(true))
     }
 
-    pub(super) fn list_subjobs(
-        &self,
-        id: u64,
-        offset: u32,
-        limit: u32,
-    ) -> Result<proto::ListSubjobsResponse> {
+    pub(super) fn list_subjobs(&self, id: u64, offset: u32, limit: u32) -> Result<SubjobsAnswer> {
         let b = self.builds.get(&id).ok_or_else(|| unknown_build(id))?;
         let take = if limit == 0 {
             usize::MAX
@@ -185,7 +186,15 @@ impl Core {
             .map(|j| j.commands.clone())
             .unwrap_or_default();
         if let Some(sum) = &b.summary {
-            return self.list_stored_subjobs(id, sum.num_subjobs, offset, take, &command);
+            let start = offset.min(sum.num_subjobs);
+            let end = (u64::from(start) + take as u64).min(u64::from(sum.num_subjobs)) as u32;
+            return Ok(SubjobsAnswer::Stored {
+                build: BuildId(id),
+                start,
+                end,
+                total: sum.num_subjobs,
+                command,
+            });
         }
         let subjobs = b
             .subjobs
@@ -209,115 +218,38 @@ impl Core {
                 command: command.clone(),
             })
             .collect();
-        Ok(proto::ListSubjobsResponse {
+        Ok(SubjobsAnswer::Page(proto::ListSubjobsResponse {
             subjobs,
             total: b.subjobs.len() as u32,
-        })
+        }))
     }
 
-    /// `list_subjobs` of a final build: its atoms are read from the store.
-    pub(super) fn list_stored_subjobs(
-        &self,
-        id: u64,
-        num_subjobs: u32,
-        offset: u32,
-        take: usize,
-        command: &str,
-    ) -> Result<proto::ListSubjobsResponse> {
-        let start = offset.min(num_subjobs);
-        let end = (u64::from(start) + take as u64).min(u64::from(num_subjobs)) as u32;
-        let attempts: HashMap<u32, u32> = self
-            .store
-            .load_attempts_range(id, start..end)?
-            .into_iter()
-            .collect();
-        let mut subjobs: Vec<proto::Subjob> = (start..end)
-            .map(|i| proto::Subjob {
-                build_id: id,
-                id: i,
-                attempts: attempts.get(&i).copied().unwrap_or(0),
-                command: command.to_string(),
-                ..Default::default()
-            })
-            .collect();
-        for mut a in self.store.load_atoms_range(id, start..end)? {
-            let Some(s) = subjobs.get_mut((a.subjob_id - start) as usize) else {
-                continue;
-            };
-            a.state = if a.exit_code.is_some() {
-                proto::AtomState::Completed
-            } else {
-                proto::AtomState::NotStarted
-            } as i32;
-            if !a.slave.is_empty() {
-                s.slave = a.slave.clone();
-            }
-            s.atoms.push(a);
-        }
-        for s in &mut subjobs {
-            let done = !s.atoms.is_empty() && s.atoms.iter().all(|a| a.exit_code.is_some());
-            // First dispatches are not stored: a subjob with results ran at least once.
-            s.attempts = s.attempts.max(u32::from(done));
-            s.state = if done {
-                proto::SubjobState::Completed
-            } else {
-                proto::SubjobState::Pending
-            } as i32;
-        }
-        Ok(proto::ListSubjobsResponse {
-            subjobs,
-            total: num_subjobs,
-        })
-    }
-
-    pub(super) fn console(&self, id: u64, subjob: u32, atom: u32) -> Result<ConsoleLocation> {
+    pub(super) fn console(&self, id: u64, subjob: u32, atom: u32) -> Result<ConsoleAnswer> {
         let b = self.builds.get(&id).ok_or_else(|| unknown_build(id))?;
-        let bad_subjob = || MasterError::NotFound("Invalid subjob id.".into());
-        let bad_atom = || MasterError::NotFound("Invalid atom id.".into());
-        let (a, running) = match &b.summary {
-            Some(sum) => {
-                if subjob >= sum.num_subjobs {
-                    return Err(bad_subjob());
-                }
-                let a = self
-                    .store
-                    .get_atom(id, subjob, atom)?
-                    .ok_or_else(bad_atom)?;
-                (std::borrow::Cow::Owned(a), None)
+        if let Some(sum) = &b.summary {
+            if subjob >= sum.num_subjobs {
+                return Err(bad_subjob());
             }
-            None => {
-                let s = b.subjobs.get(subjob as usize).ok_or_else(bad_subjob)?;
-                let a = s.atoms.get(atom as usize).ok_or_else(bad_atom)?;
-                (std::borrow::Cow::Borrowed(a), s.running)
-            }
-        };
-        if a.exit_code.is_some() {
-            // Until promoted, the console is the attempt's uploaded one or what streamed in.
-            let pending = if a.attempt > 0 {
-                vec![
-                    self.layout
-                        .attempt_atom_dir(id, a.attempt, subjob, atom)
-                        .join(CONSOLE_FILE),
-                    self.layout.live_console(id, a.attempt, subjob, atom),
-                ]
-            } else {
-                Vec::new()
-            };
-            return Ok(ConsoleLocation {
-                path: self.layout.atom_dir(id, subjob, atom).join(CONSOLE_FILE),
-                pending,
-                complete: true,
-            });
+            return Ok(ConsoleAnswer::Stored(AtomRef::new(id, subjob, atom)));
         }
-        match running {
-            Some(attempt) if !b.state.is_final() => Ok(ConsoleLocation {
+        let s = b.subjobs.get(subjob as usize).ok_or_else(bad_subjob)?;
+        let a = s.atoms.get(atom as usize).ok_or_else(bad_atom)?;
+        if a.exit_code.is_some() {
+            return Ok(ConsoleAnswer::Located(completed_console(
+                &self.layout,
+                id,
+                subjob,
+                atom,
+                a.attempt,
+            )));
+        }
+        match s.running {
+            Some(attempt) if !b.state.is_final() => Ok(ConsoleAnswer::Located(ConsoleLocation {
                 path: self.layout.live_console(id, attempt, subjob, atom),
                 pending: Vec::new(),
                 complete: false,
-            }),
-            _ => Err(MasterError::NotFound(format!(
-                "Console output does not exist on this host for build {id}, subjob {subjob}, atom {atom}."
-            ))),
+            })),
+            _ => Err(no_console(id, subjob, atom)),
         }
     }
 

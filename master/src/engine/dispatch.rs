@@ -2,32 +2,31 @@
 //! it, and dispatch of subjobs to free executors in the same turn that freed them.
 use super::Core;
 use super::model::{Attempt, Slave, SlaveBuild, SlaveBuildState, Subjob, Work};
-use crate::command::Durable;
+use crate::command::{Durable, Internal};
 use crate::ids::BuildId;
+use crate::storage::BuildWrite;
 use ish_core::grouping;
 use ish_core::proto::{self, master_message::Msg as Down};
 use ish_core::state::{BuildEvent, BuildState};
 use std::collections::{BTreeSet, HashMap};
 
+/// Attempt ids reserved per store write.
+pub(super) const ATTEMPT_BLOCK: u64 = 1 << 20;
+
 impl Core {
     /// A fresh attempt id (unique for the data dir: attempt ids name directories).
     pub(super) fn new_attempt(&mut self) -> u64 {
-        const BLOCK: u64 = 1 << 20;
         if self.next_attempt >= self.attempt_end {
-            match self.store.reserve_attempts(BLOCK) {
-                Ok(start) => {
-                    self.next_attempt = start;
-                    self.attempt_end = start + BLOCK;
-                }
-                // Keep going in memory; ids only risk repeating after a restart.
-                Err(e) => tracing::error!(error = %e, "could not reserve attempt ids"),
-            }
+            // Reserved with the next commit, before this attempt's result can be acknowledged.
+            self.attempt_end = self.next_attempt + ATTEMPT_BLOCK;
+            self.pending
+                .push(BuildWrite::AttemptsReservedTo(self.attempt_end));
         }
         self.next_attempt += 1;
         self.next_attempt - 1
     }
 
-    pub(super) fn prepared(&mut self, sid: u64, r: proto::PrepareResult) {
+    pub(super) fn prepared(&mut self, sid: u64, mut r: proto::PrepareResult) {
         let id = r.build_id;
         let slot = self.slaves.get(&sid).and_then(|s| {
             s.busy
@@ -97,18 +96,51 @@ impl Core {
             self.end_build(id, BuildEvent::Fail, msg);
             return;
         }
-        let mut job = r.job.unwrap_or_default();
+        let mut job = r.job.take().unwrap_or_default();
         if job.atom_timeout_seconds == 0 {
             job.atom_timeout_seconds = self.cfg.default_atom_timeout_s;
         }
-        let atoms = r.atoms.iter().map(String::as_str);
-        let timings = match self.store.timings(&b.project_key, &job.name, atoms) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(build = id, error = %e, "timing history unreadable; grouping without it");
-                HashMap::new()
+        // The history is read off the actor; grouping goes on in `group` when it is back.
+        let store = self.store.clone();
+        let project_key = b.project_key.clone();
+        let back = self.self_tx.clone();
+        tokio::spawn(async move {
+            let atoms = r.atoms.clone();
+            let timings = match store.timings(project_key, job.name.clone(), atoms).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(build = id, error = %e, "timing history unreadable; grouping without it");
+                    HashMap::new()
+                }
+            };
+            if let Some(tx) = back.upgrade() {
+                let read = Internal::HistoryRead {
+                    build: BuildId(id),
+                    prepared: Box::new(r),
+                    job: Box::new(job),
+                    timings,
+                };
+                let _ = tx.send(read.into()).await;
             }
+        });
+    }
+
+    /// Groups a prepared build's atoms with their timing history into subjobs, stores the
+    /// grouping, and lets dispatching start once that is durable.
+    pub(super) fn group(
+        &mut self,
+        id: u64,
+        r: proto::PrepareResult,
+        job: proto::JobConfig,
+        timings: HashMap<String, f64>,
+    ) {
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
         };
+        // Canceled (or failed) while the history was read.
+        if b.state != BuildState::Preparing || b.preparing_on.is_some() {
+            return;
+        }
         let max_exec = (job.max_executors > 0).then_some(u64::from(job.max_executors));
         let groups = match proto::DispatchMode::try_from(job.dispatch).unwrap_or_default() {
             proto::DispatchMode::Clusterrunner => {
@@ -167,16 +199,9 @@ impl Core {
             subjobs = b.subjobs.len(),
             "build prepared"
         );
-        // A preparation redone after a crash may have left records of another grouping.
-        let stored = self.store.clear_build_details(id).and_then(|()| {
-            self.store
-                .put_atoms(id, b.subjobs.iter().flat_map(|s| &s.atoms))
-        });
-        if let Err(e) = stored {
-            let msg = format!("Could not store the build's atoms: {e}");
-            self.end_build(id, BuildEvent::Fail, msg);
-            return;
-        }
+        // Replaces whatever grouping a preparation redone after a crash left behind.
+        let grouping = BuildWrite::grouping(id, b.subjobs.iter().flat_map(|s| &s.atoms));
+        self.pending.push(grouping);
         self.persist(id);
         // Nothing is dispatched until the grouping is on disk: a master that crashes after a
         // dispatch must find the same subjobs (and the slaves' reports must match them).
@@ -469,10 +494,12 @@ impl Core {
         // Only re-dispatches are written: they are what the retry budget counts after a
         // restart, and a write per dispatch was a third of the store's load at 200,000 atoms.
         // (A first dispatch lost in a master crash costs at most one extra try.)
-        if s.attempts > 1
-            && let Err(e) = self.store.put_attempts(id, subjob, s.attempts)
-        {
-            tracing::error!(build = id, error = %e, "could not store a dispatch");
+        if s.attempts > 1 {
+            self.pending.push(BuildWrite::Attempts {
+                build: id,
+                subjob,
+                attempts: s.attempts,
+            });
         }
         let atoms = s
             .atoms

@@ -1,9 +1,10 @@
 //! The end of a build: completion, archives, teardown on its slaves, retirement to a summary.
 use super::Core;
 use super::model::SlaveBuildState;
-use crate::command::Internal;
+use crate::command::{Durable, Internal};
 use crate::ids::BuildId;
 use crate::results::{ResultsJob, TimingHistory};
+use crate::storage::BuildWrite;
 use ish_core::proto::{self, master_message::Msg as Down};
 use ish_core::state::{BuildEvent, BuildState};
 use std::collections::BTreeSet;
@@ -154,31 +155,33 @@ impl Core {
         self.attempts.values().any(|a| a.build == build)
     }
 
-    /// A final build's last step: its atoms leave memory, its record gets its summary, and its
-    /// attempt directories go once that is on disk.
+    /// A final build's last step: its final state is stored; once that commit (which holds
+    /// its atoms' results too) is durable, it leaves memory (`evict`).
     pub(super) fn retire(&mut self, id: u64) {
         if let Some(b) = self.builds.get_mut(&id) {
             b.killing = false;
-            b.evict();
+            // A final build is never prepared again; its atoms (if any) are stored as atoms.
+            if !std::mem::take(&mut b.atoms_override).is_empty() {
+                self.pending.push(BuildWrite::AtomsOverride {
+                    build: id,
+                    atoms: Vec::new(),
+                });
+            }
         }
         self.persist(id);
-        // A final build is never prepared again; its atoms (if any) are stored as atoms.
-        if let Some(b) = self.builds.get_mut(&id)
-            && !std::mem::take(&mut b.atoms_override).is_empty()
-            && let Err(e) = self.store.remove_atoms_override(id)
-        {
-            tracing::warn!(build = id, error = %e, "could not forget atoms_override");
-        }
-        let store = self.store.clone();
-        let results = self.results.clone();
-        tokio::spawn(async move {
-            match store.flush().await {
-                Ok(()) => {
-                    let _ = results.send(ResultsJob::Cleanup { build: id });
-                }
-                Err(e) => tracing::error!(build = id, error = %e, "could not flush the database"),
-            }
-        });
+        self.durable.push(Durable::Retired(BuildId(id)));
+        self.notify(id);
+    }
+
+    /// A retired build's atoms are durable: they leave memory (reads of the build are served
+    /// from the store from now on), its record gets its summary, and its attempt directories go.
+    pub(super) fn evict(&mut self, id: u64) {
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
+        b.evict();
+        self.persist(id);
+        let _ = self.results.send(ResultsJob::Cleanup { build: id });
         self.notify(id);
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! [`Core`] is driven by [`Command`]s, one at a time, from the actor task (`actor.rs`). It knows
 //! slaves only as channel senders of [`proto::MasterMessage`], so tests drive it with plain
-//! channels and no network. It never blocks: database writes are point writes; file work goes to
-//! the results queue (`results.rs`).
+//! channels and no network. It never blocks and never awaits the store: its writes are staged
+//! in a [`BuildBatch`] and committed by the group commit; what it must read while running (the
+//! timing history at prepare) comes back as an internal event; reads of final builds are the
+//! caller's (`SubjobsAnswer::Stored`); file work goes to the results queue (`results.rs`).
 //!
 //! Work flow per build: QUEUED → a slave with a free executor prepares it (fetch, job config,
 //! atomizers) → atoms grouped into subjobs with timing history → PREPARED → each slave that will
@@ -24,6 +26,7 @@
 //! - `progress.rs` — atom results and subjob completion;
 //! - `finish.rs` — build end, archives, teardown, retirement;
 //! - `recovery.rs` — reloading stored builds at start;
+//! - `reads.rs` — reads of final builds from the store, made by the caller off the actor;
 //! - `prometheus.rs` — the metrics text.
 //!
 //! Durability (group commit, `Durable`) and the command loop (`handle`) live here.
@@ -33,10 +36,12 @@ mod finish;
 mod model;
 mod progress;
 mod prometheus;
+pub mod reads;
 mod recovery;
 mod sessions;
 mod validate;
 
+pub use recovery::Stored;
 pub use validate::validate_request;
 
 use crate::clock::SharedClock;
@@ -44,11 +49,12 @@ use crate::command::{Command, Durable, Internal};
 use crate::error::MasterError;
 use crate::metrics::Metrics;
 use crate::results::{ResultsJob, ResultsLayout};
-use crate::storage::Store;
+use crate::storage::{BuildBatch, BuildStore, BuildWrite};
 use ish_core::proto::{self, master_message::Msg as Down};
 use ish_core::state::BuildEvent;
 use model::{Attempt, Build, Slave};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 
@@ -110,7 +116,7 @@ pub struct Core {
     cfg: CoreConfig,
     /// The one source of time (a manual clock in tests).
     clock: SharedClock,
-    store: Store,
+    store: Arc<dyn BuildStore>,
     layout: ResultsLayout,
     results: mpsc::UnboundedSender<ResultsJob>,
     /// Told the id of every build that changed (watchers re-read it).
@@ -128,6 +134,8 @@ pub struct Core {
     next_attempt: u64,
     /// End of the block of attempt ids reserved in the store.
     attempt_end: u64,
+    /// The highest build id given out.
+    last_build_id: u64,
     next_slave_id: u64,
     /// Slaves whose channel failed during this command; dropped once it is handled.
     doomed: BTreeSet<u64>,
@@ -137,13 +145,15 @@ pub struct Core {
     metrics: Metrics,
     /// Until then, resumed builds dispatch nothing: their slaves may still report them.
     resume_until: Option<Instant>,
-    /// Answers that wait for the next database flush.
+    /// Answers that wait for the next commit.
     durable: Vec<Durable>,
-    /// Builds whose last change could not be written (a storage error): written again on every
-    /// tick until it is, so a state clients saw (a final one above all) reaches the disk and a
-    /// restart does not bring back an older one.
-    unsaved: BTreeSet<u64>,
-    /// A flush is running.
+    /// Writes not yet committed, in order.
+    pending: BuildBatch,
+    /// The last commit failed (a storage error): the next is tried at the next tick, so a
+    /// state clients saw (a final one above all) reaches the disk and a restart does not bring
+    /// back an older one, without retrying at the rate commands arrive.
+    storage_down: bool,
+    /// A commit is running.
     flushing: bool,
 }
 
@@ -167,7 +177,7 @@ impl Core {
     pub fn new(
         cfg: CoreConfig,
         clock: SharedClock,
-        store: Store,
+        store: Arc<dyn BuildStore>,
         layout: ResultsLayout,
         results: mpsc::UnboundedSender<ResultsJob>,
         changes: broadcast::Sender<u64>,
@@ -186,8 +196,10 @@ impl Core {
             slaves: BTreeMap::new(),
             free: BTreeSet::new(),
             attempts: HashMap::new(),
-            next_attempt: 0,
-            attempt_end: 0,
+            // Attempt 0 means "none" on the wire; `recover` sets these from the store.
+            next_attempt: 1,
+            attempt_end: 1,
+            last_build_id: 0,
             next_slave_id: 1,
             doomed: BTreeSet::new(),
             events: VecDeque::new(),
@@ -195,7 +207,8 @@ impl Core {
             metrics: Metrics::default(),
             resume_until: None,
             durable: Vec::new(),
-            unsaved: BTreeSet::new(),
+            pending: BuildBatch::default(),
+            storage_down: false,
             flushing: false,
         }
     }
@@ -237,7 +250,13 @@ impl Core {
 
     fn on_internal(&mut self, event: Internal) -> Flow {
         match event {
-            Internal::Flushed(batch, outcome) => self.flushed(batch, outcome),
+            Internal::Flushed(durable, batch, outcome) => self.flushed(durable, &batch, outcome),
+            Internal::HistoryRead {
+                build,
+                prepared,
+                job,
+                timings,
+            } => self.group(build.0, *prepared, *job, timings),
             Internal::ArchivesWritten(id, outcome) => self.archives_written(id.0, outcome),
             Internal::ResultsFailed(id, msg) => {
                 self.metrics.internal_error("ResultsWriteFailure");
@@ -245,7 +264,11 @@ impl Core {
                     self.end_build(id.0, BuildEvent::Fail, msg);
                 }
             }
-            Internal::Tick => self.sweep(self.clock.now()),
+            Internal::Tick => {
+                // Storage gets another try once per tick after an error.
+                self.storage_down = false;
+                self.sweep(self.clock.now());
+            }
             Internal::Shutdown(done) => {
                 // Dropping the senders ends the slaves' streams; they reconnect to the next
                 // master. Nothing is scheduled after this.
@@ -269,24 +292,31 @@ impl Core {
         self.start_flush();
     }
 
-    /// Group commit: one database flush at a time covers everything that waits to be durable;
-    /// what arrives meanwhile rides on the next one. Answers go out when the flush is done.
+    /// Group commit: one commit at a time covers every staged write and every answer that
+    /// waits to be durable; what arrives meanwhile rides on the next one. Answers go out when
+    /// the commit is done.
     fn start_flush(&mut self) {
-        if self.flushing || self.durable.is_empty() {
+        if self.flushing
+            || self.storage_down
+            || (self.durable.is_empty() && self.pending.is_empty())
+        {
             return;
         }
         self.flushing = true;
-        let batch = std::mem::take(&mut self.durable);
+        let durable = std::mem::take(&mut self.durable);
+        let batch = Arc::new(std::mem::take(&mut self.pending));
         let store = self.store.clone();
         let back = self.self_tx.clone();
         tokio::spawn(async move {
-            let outcome = store.flush().await.map_err(|e| e.to_string());
+            let outcome = store.commit(batch.clone()).await.map_err(|e| e.to_string());
             match back.upgrade() {
                 Some(tx) => {
-                    let _ = tx.send(Internal::Flushed(batch, outcome).into()).await;
+                    let _ = tx
+                        .send(Internal::Flushed(durable, batch, outcome).into())
+                        .await;
                 }
                 None => {
-                    for d in batch {
+                    for d in durable {
                         if let Durable::Submitted(_, reply) = d {
                             let _ = reply.send(Err(MasterError::ShuttingDown));
                         }
@@ -296,13 +326,28 @@ impl Core {
         });
     }
 
-    fn flushed(&mut self, batch: Vec<Durable>, outcome: std::result::Result<(), String>) {
+    fn flushed(
+        &mut self,
+        durable: Vec<Durable>,
+        batch: &BuildBatch,
+        outcome: std::result::Result<(), String>,
+    ) {
         self.flushing = false;
         if let Err(e) = &outcome {
-            tracing::error!(error = %e, "database flush failed");
-            self.metrics.internal_error("StorageFlushFailure");
+            tracing::error!(error = %e, "could not store the engine's writes; retrying");
+            self.metrics.internal_error("StorageWriteFailure");
+            self.storage_down = true;
+            self.pending.requeue(batch);
+            // A build whose results could not be stored ends in ERROR with the reason (its
+            // final state is stored once storage works again).
+            for id in batch.builds_with_results() {
+                if self.builds.get(&id).is_some_and(|b| !b.state.is_final()) {
+                    let msg = format!("Could not store an atom's result: {e}");
+                    self.end_build(id, BuildEvent::Fail, msg);
+                }
+            }
         }
-        for d in batch {
+        for d in durable {
             match (d, &outcome) {
                 (Durable::Submitted(id, reply), Ok(())) => {
                     let _ = reply.send(Ok(id));
@@ -325,8 +370,9 @@ impl Core {
                         b.grouping_durable = true;
                     }
                 }
-                // Try again with the next flush.
-                (Durable::Prepared(id), Err(_)) => self.durable.push(Durable::Prepared(id)),
+                (Durable::Retired(id), Ok(())) => self.evict(id.0),
+                // Try again with the next commit.
+                (d @ (Durable::Prepared(_) | Durable::Retired(_)), Err(_)) => self.durable.push(d),
             }
         }
     }
@@ -335,41 +381,11 @@ impl Core {
         let _ = self.changes.send(build);
     }
 
+    /// Stages a build's record for the next commit.
     fn persist(&mut self, id: u64) {
-        let Some(b) = self.builds.get(&id) else {
-            return;
-        };
-        match self.store.put_build(&b.to_record()) {
-            Ok(()) => {
-                self.unsaved.remove(&id);
-            }
-            Err(e) => {
-                if self.unsaved.insert(id) {
-                    tracing::error!(build = id, error = %e, "could not store build; retrying");
-                    self.metrics.internal_error("StorageWriteFailure");
-                }
-            }
-        }
-    }
-
-    /// Writes again what a storage error kept from the disk.
-    fn retry_unsaved(&mut self) {
-        let ids: Vec<u64> = self.unsaved.iter().copied().collect();
-        let mut stored = false;
-        for id in ids {
-            self.persist(id);
-            if !self.unsaved.contains(&id) {
-                tracing::info!(build = id, "build stored after an earlier storage error");
-                stored = true;
-            }
-        }
-        if stored {
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.flush().await {
-                    tracing::error!(error = %e, "could not flush the database");
-                }
-            });
+        if let Some(b) = self.builds.get(&id) {
+            self.pending
+                .push(BuildWrite::Build(Box::new(b.to_record())));
         }
     }
 

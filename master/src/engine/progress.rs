@@ -4,6 +4,7 @@ use super::model::Attempt;
 use crate::command::Durable;
 use crate::ids::{AttemptId, SlaveId};
 use crate::results::ResultsJob;
+use crate::storage::BuildWrite;
 use ish_core::proto::{self, master_message::Msg as Down};
 use ish_core::state::BuildEvent;
 
@@ -93,13 +94,11 @@ impl Core {
         if atom.flaky {
             b.flaky_atoms += 1;
         }
-        if let Err(e) = self.store.put_atom(r.build_id, &atom) {
-            tracing::error!(build = r.build_id, error = %e, "could not store atom result");
-            self.metrics.internal_error("StorageWriteFailure");
-            let msg = format!("Could not store an atom's result: {e}");
-            self.end_build(r.build_id, BuildEvent::Fail, msg);
-            return;
-        }
+        // A commit that fails ends the build in ERROR (see `flushed`).
+        self.pending.push(BuildWrite::Atom {
+            build: r.build_id,
+            atom,
+        });
         let _ = self.results.send(ResultsJob::Promote {
             build: r.build_id,
             attempt: r.attempt,

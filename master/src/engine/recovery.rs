@@ -1,21 +1,86 @@
-//! Start-up: every stored build is reloaded and unfinished ones resume.
+//! Start-up: every stored build is reloaded and unfinished ones resume. What is needed is read
+//! from the store before the actor starts ([`Stored::load`]); the engine then rebuilds its
+//! state from it without touching the store.
 use super::Core;
 use super::model::{Build, FinalSummary, Subjob};
 use crate::error::{MasterError, Result};
 use crate::results::ResultsJob;
+use crate::storage::{BuildStore, Counters};
 use ish_core::proto::{self};
 use ish_core::state::{BuildEvent, BuildState};
+use std::collections::HashMap;
+
+/// What a starting engine reads from the store.
+#[derive(Debug, Default)]
+pub struct Stored {
+    counters: Counters,
+    records: Vec<proto::StoredBuild>,
+    /// Atoms, dispatch counts and `atoms_override` of the builds that need them: unfinished
+    /// ones, and final ones stored before their summary was.
+    details: HashMap<u64, Details>,
+}
+
+#[derive(Debug, Default)]
+struct Details {
+    atoms: Vec<proto::Atom>,
+    attempts: Vec<(u32, u32)>,
+    atoms_override: Vec<String>,
+}
+
+impl Stored {
+    /// Reads every build record, and the details of the builds that need them.
+    pub async fn load(store: &dyn BuildStore) -> Result<Self> {
+        let counters = store.load_counters().await?;
+        let records = store.load_builds().await?;
+        let mut details = HashMap::new();
+        for rec in &records {
+            let Some(pb) = &rec.build else { continue };
+            let is_final = proto::BuildState::try_from(pb.state)
+                .ok()
+                .and_then(|s| BuildState::try_from(s).ok())
+                .is_some_and(|s| s.is_final());
+            if is_final && rec.serialized_seconds.is_some() {
+                continue;
+            }
+            let mut d = Details::default();
+            if pb.num_subjobs > 0 {
+                d.atoms = store.load_atoms_range(pb.id, 0..u32::MAX).await?;
+                d.attempts = store.load_attempts_range(pb.id, 0..u32::MAX).await?;
+            }
+            if !is_final {
+                d.atoms_override = store.atoms_override(pb.id).await?;
+            }
+            details.insert(pb.id, d);
+        }
+        Ok(Self {
+            counters,
+            records,
+            details,
+        })
+    }
+}
 
 impl Core {
-    /// Loads every stored build. Unfinished builds resume: a build that was queued or preparing
-    /// is prepared again; a building build re-queues every subjob that still lacks results; a
-    /// build whose atoms were all done gets its archives (re)written.
-    pub fn recover(&mut self) -> Result<()> {
+    /// Rebuilds the engine's state from what was stored. Unfinished builds resume: a build that
+    /// was queued or preparing is prepared again; a building build re-queues every subjob that
+    /// still lacks results; a build whose atoms were all done gets its archives (re)written.
+    pub fn recover(&mut self, stored: Stored) -> Result<()> {
         self.event(
             "SERVICE_STARTED",
             serde_json::json!({ "service": "master" }),
         );
-        for rec in self.store.load_builds()? {
+        let Stored {
+            counters,
+            records,
+            mut details,
+        } = stored;
+        self.last_build_id = counters.last_build_id;
+        // The block after the stored reservation may have been in use without its reservation
+        // reaching the disk (ids go out before the next commit): start past it, so no id a
+        // slave may still report is handed out again.
+        self.next_attempt = counters.next_attempt + super::dispatch::ATTEMPT_BLOCK;
+        self.attempt_end = self.next_attempt;
+        for rec in records {
             let Some(pb) = rec.build else { continue };
             let mut b = Build::new(pb.id, pb.request.unwrap_or_default(), self.clock.epoch());
             b.state = proto::BuildState::try_from(pb.state)
@@ -68,6 +133,7 @@ impl Core {
                 self.builds.insert(b.id, b);
                 continue;
             }
+            let d = details.remove(&b.id).unwrap_or_default();
             if n_subjobs > 0 {
                 let mut subjobs: Vec<Subjob> = (0..n_subjobs)
                     .map(|_| Subjob {
@@ -78,12 +144,12 @@ impl Core {
                         slave: String::new(),
                     })
                     .collect();
-                for a in self.store.load_atoms(b.id)? {
+                for a in d.atoms {
                     if let Some(s) = subjobs.get_mut(a.subjob_id as usize) {
                         s.atoms.push(a);
                     }
                 }
-                for (sj, n) in self.store.load_attempts(b.id)? {
+                for (sj, n) in d.attempts {
                     if let Some(s) = subjobs.get_mut(sj as usize) {
                         s.attempts = n;
                     }
@@ -134,7 +200,7 @@ impl Core {
                 _ => {}
             }
             if !b.state.is_final() {
-                b.atoms_override = self.store.atoms_override(id)?;
+                b.atoms_override = d.atoms_override;
                 // A result may have been stored just before the crash, before its files were
                 // moved into place: promotion is idempotent, so redo it for every result.
                 for a in b.subjobs.iter().flat_map(|s| &s.atoms) {

@@ -399,9 +399,6 @@ impl Core {
     }
 
     pub(super) fn sweep(&mut self, now: Instant) {
-        if !self.unsaved.is_empty() {
-            self.retry_unsaved();
-        }
         if self.resume_until.is_some_and(|t| now >= t) {
             self.resume_until = None;
         }

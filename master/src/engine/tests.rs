@@ -5,7 +5,9 @@ use crate::command::{ClientCall, Internal, Reply, SlaveEvent};
 use crate::error::Result;
 use crate::ids::{AtomRef, BuildId, SlaveId};
 use crate::results::CONSOLE_FILE;
+use crate::storage::Store;
 use ish_core::proto::slave_message::Msg as Up;
+use ish_core::state::BuildState;
 use proto::master_message::Msg as D;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -22,6 +24,8 @@ fn tick() -> Command {
 
 struct Harness {
     core: Core,
+    /// The core's database (reads of final builds and recovery go to it directly).
+    store: Store,
     /// The core's clock: tests move it instead of sleeping.
     clock: Arc<ManualClock>,
     results: mpsc::UnboundedReceiver<ResultsJob>,
@@ -102,6 +106,7 @@ impl Harness {
     }
 
     fn with_store(store: Store) -> Self {
+        let db = store.clone();
         let dir = tempfile::tempdir().unwrap();
         let (results_tx, results) = mpsc::unbounded_channel();
         let (changes, _) = broadcast::channel(1024);
@@ -110,7 +115,7 @@ impl Harness {
         let core = Core::new(
             CoreConfig::default(),
             clock.clone(),
-            store,
+            Arc::new(store),
             ResultsLayout::new(dir.path().to_path_buf()),
             results_tx,
             changes,
@@ -118,6 +123,7 @@ impl Harness {
         );
         Self {
             core,
+            store: db,
             clock,
             results,
             cmds,
@@ -208,16 +214,51 @@ impl Harness {
         self.settle_durable(build).await;
     }
 
-    /// Pumps the core's own commands until the build's grouping is durable (or it ended).
+    /// Pumps the core's own commands until the build's grouping is made (its timing history
+    /// read) and durable, or it ended.
     async fn settle_durable(&mut self, build: u64) {
-        while self
-            .core
-            .builds
-            .get(&build)
-            .is_some_and(|b| !b.grouping_durable && !b.state.is_final() && !b.subjobs.is_empty())
-        {
+        while self.core.builds.get(&build).is_some_and(|b| {
+            (b.state == BuildState::Preparing && b.preparing_on.is_none())
+                || (!b.grouping_durable && !b.state.is_final() && !b.subjobs.is_empty())
+        }) {
             self.pump().await;
         }
+    }
+
+    /// Pumps the core's own commands until no commit is running (every staged write and every
+    /// answer waiting for one has been through the store).
+    async fn commit_all(&mut self) {
+        while self.core.flushing {
+            self.pump().await;
+        }
+    }
+
+    /// Restarts the engine's state from the store, as a starting master does.
+    async fn recover(&mut self) {
+        let stored = Stored::load(&self.store).await.unwrap();
+        self.core.recover(stored).unwrap();
+    }
+
+    /// A page of subjobs, read off the actor when the engine says so (like `MasterHandle`).
+    async fn subjob_page(
+        &mut self,
+        id: u64,
+        offset: u32,
+        limit: u32,
+    ) -> Result<proto::ListSubjobsResponse> {
+        let answer = self.call(|reply| ClientCall::ListSubjobs {
+            build: BuildId(id),
+            offset,
+            limit,
+            reply,
+        })?;
+        reads::subjobs(&self.store, answer).await
+    }
+
+    /// Where an atom's console is, read off the actor when the engine says so.
+    async fn console(&mut self, at: AtomRef) -> Result<crate::command::ConsoleLocation> {
+        let answer = self.call(|reply| ClientCall::Console(at, reply))?;
+        reads::console(&self.store, &self.core.layout, answer).await
     }
 
     fn setup_ok(&mut self, s: &FakeSlave, build: u64) {
@@ -284,15 +325,8 @@ impl Harness {
     }
 
     /// Every subjob of a build, with its atoms.
-    fn subjobs(&mut self, id: u64) -> Vec<proto::Subjob> {
-        self.call(|reply| ClientCall::ListSubjobs {
-            build: BuildId(id),
-            offset: 0,
-            limit: 0,
-            reply,
-        })
-        .unwrap()
-        .subjobs
+    async fn subjobs(&mut self, id: u64) -> Vec<proto::Subjob> {
+        self.subjob_page(id, 0, 0).await.unwrap().subjobs
     }
 
     /// Takes the results queue's pending promotions and cleanups (nothing else is queued).
@@ -326,7 +360,7 @@ impl Harness {
                 ..
             } = job
             {
-                history.record(&atoms).unwrap();
+                history.record(&atoms).await.unwrap();
                 let names = atoms
                     .iter()
                     .map(|a| crate::archive::artifact_dir_name(a.subjob, a.atom))
@@ -347,6 +381,7 @@ impl Harness {
             ));
             self.core.handle(cmd);
         }
+        self.commit_all().await;
         archives
     }
 }
@@ -542,7 +577,7 @@ async fn a_lost_slave_requeues_only_unreported_atoms_and_late_results_are_ignore
 #[tokio::test]
 async fn a_subjob_interrupted_midway_resends_only_its_missing_atoms() {
     let mut h = Harness::new();
-    let store = h.core.store.clone();
+    let store = h.store.clone();
     // Timing history + max_executors = 1 groups two of the three atoms into subjob 0.
     store
         .merge_timings(
@@ -613,7 +648,7 @@ async fn cancel_kills_running_work_and_tears_down() {
     assert_eq!(state(&again), proto::BuildState::Canceled);
     assert!(s.all().is_empty());
     // While the killed subjobs are out, their atoms show as running.
-    let sjs = h.subjobs(id);
+    let sjs = h.subjobs(id).await;
     let ran: Vec<u32> = runs.iter().map(|r| r.subjob_id).collect();
     for sj in &sjs {
         let want = if ran.contains(&sj.id) {
@@ -628,7 +663,7 @@ async fn cancel_kills_running_work_and_tears_down() {
     for r in &runs {
         h.complete(&s, r, -15, 0.1);
     }
-    let sjs = h.subjobs(id);
+    let sjs = h.subjobs(id).await;
     for sj in &sjs {
         for a in &sj.atoms {
             if ran.contains(&sj.id) {
@@ -654,6 +689,7 @@ async fn cancel_kills_running_work_and_tears_down() {
     // Once the last killed subjob is in, the build's attempt directories are cleaned up.
     let mut cleaned = Vec::new();
     for _ in 0..100 {
+        h.commit_all().await;
         cleaned.extend(h.promotions_and_cleanups().1);
         if !cleaned.is_empty() {
             break;
@@ -805,14 +841,7 @@ async fn the_second_build_is_grouped_by_recorded_times() {
         let id = h.submit(dir_request(CONFIG)).await;
         assert!(matches!(s.next(), Some(D::Prepare(_))));
         h.prepared(&s, id, cr_job(2, 0), atoms(10)).await;
-        let subjobs = h
-            .call(|reply| ClientCall::ListSubjobs {
-                build: BuildId(id),
-                offset: 0,
-                limit: 0,
-                reply,
-            })
-            .unwrap();
+        let subjobs = h.subjob_page(id, 0, 0).await.unwrap();
         if round == 0 {
             assert_eq!(subjobs.total, 10, "no history: one atom per subjob");
             assert!(
@@ -950,7 +979,7 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
         })
         .unwrap();
     assert_eq!(list.total, 0);
-    assert!(h.core.store.load_builds().unwrap().is_empty());
+    assert!(h.store.load_builds().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -982,10 +1011,12 @@ async fn builds_resume_after_a_restart() {
         h.setup_ok(&s, id);
         let r = run_subjobs(&s.all()).pop().unwrap();
         h.complete(&s, &r, 0, 0.3);
+        // The result is acknowledged to the slave once committed: then it survives.
+        h.commit_all().await;
     }
     // A new core over the same database: one subjob done, one to run.
     let mut h = Harness::with_store(store);
-    h.core.recover().unwrap();
+    h.recover().await;
     let b = h.build(id);
     assert_eq!(state(&b), proto::BuildState::Building);
     assert_eq!(b.completed_subjobs, 1);
@@ -1029,22 +1060,31 @@ async fn a_storage_error_fails_the_build_and_its_final_state_reaches_the_disk() 
         assert!(matches!(s.next(), Some(D::Setup(_))));
         h.setup_ok(&s, id);
         let r = run_subjobs(&s.all()).pop().unwrap();
+        h.commit_all().await;
+        assert_eq!(stored_state(&store, id), Some(proto::BuildState::Building));
         store.fail_writes(true);
         h.complete(&s, &r, 0, 0.3);
+        // The commit holding the result fails: the build ends in ERROR with the reason.
+        h.commit_all().await;
         let b = h.build(id);
         assert_eq!(state(&b), proto::BuildState::Error, "{b:#?}");
         assert!(b.error_message.contains("Too many open files"), "{b:#?}");
         assert_eq!(stored_state(&store, id), Some(proto::BuildState::Building));
+        // No retry at the rate commands arrive: the next is at the next tick.
+        h.build(id);
+        assert!(!h.core.flushing);
         // Still failing: still not on disk, and the core keeps answering.
         h.core.handle(tick());
+        h.commit_all().await;
         assert_eq!(stored_state(&store, id), Some(proto::BuildState::Building));
         assert_eq!(state(&h.build(id)), proto::BuildState::Error);
         store.fail_writes(false);
         h.core.handle(tick());
+        h.commit_all().await;
         assert_eq!(stored_state(&store, id), Some(proto::BuildState::Error));
     }
     let mut h = Harness::with_store(store);
-    h.core.recover().unwrap();
+    h.recover().await;
     let b = h.build(id);
     assert_eq!(state(&b), proto::BuildState::Error);
     assert!(b.error_message.contains("Too many open files"), "{b:#?}");
@@ -1070,7 +1110,7 @@ async fn the_preparing_slave_gets_the_inline_config_parsed() {
         id
     };
     let mut h = Harness::with_store(store);
-    h.core.recover().unwrap();
+    h.recover().await;
     let mut s = h.slave("s", 1);
     match s.next() {
         Some(D::Prepare(p)) => {
@@ -1095,7 +1135,7 @@ async fn atoms_override_survives_a_restart_but_is_not_echoed() {
         h.submit(req).await
     };
     let mut h = Harness::with_store(store.clone());
-    h.core.recover().unwrap();
+    h.recover().await;
     let b = h.build(id);
     let echoed = b.request.unwrap();
     assert!(echoed.atoms_override.is_empty());
@@ -1107,6 +1147,7 @@ async fn atoms_override_survives_a_restart_but_is_not_echoed() {
     }
     assert_eq!(store.atoms_override(id).unwrap(), atoms(3));
     h.call(|r| ClientCall::Cancel(BuildId(id), r)).unwrap();
+    h.commit_all().await;
     assert!(store.atoms_override(id).unwrap().is_empty());
 }
 
@@ -1130,7 +1171,7 @@ async fn a_restarted_master_adopts_work_a_slave_kept_running() {
         (r0, r1) = (runs[0].clone(), runs[1].clone());
     }
     let mut h = Harness::with_store(store);
-    h.core.recover().unwrap();
+    h.recover().await;
     // The slave reconnects: attempt r0 finished meanwhile, r1 is still running.
     let (tx, rx) = mpsc::channel(1024);
     let result = |r: &proto::RunSubjob| proto::AtomResult {
@@ -1197,14 +1238,7 @@ async fn a_restarted_master_adopts_work_a_slave_kept_running() {
     let b = h.build(id);
     assert_eq!(state(&b), proto::BuildState::Finished);
     assert_eq!(b.completed_atoms, 3);
-    let subjobs = h
-        .call(|reply| ClientCall::ListSubjobs {
-            build: BuildId(id),
-            offset: 0,
-            limit: 0,
-            reply,
-        })
-        .unwrap();
+    let subjobs = h.subjob_page(id, 0, 0).await.unwrap();
     assert!(
         subjobs.subjobs.iter().all(|s| s.attempts == 1),
         "{subjobs:?}"
@@ -1308,7 +1342,7 @@ async fn subjob_acks_wait_for_the_flush() {
         !raw(&mut s).iter().any(|m| matches!(m, D::SubjobAck(_))),
         "no ack before the flush"
     );
-    h.pump().await;
+    h.commit_all().await;
     assert!(
         raw(&mut s)
             .iter()
@@ -1419,34 +1453,27 @@ async fn a_final_build_is_evicted_and_still_answers_from_the_store() {
     h.run_results().await;
     assert!(h.core.builds[&id].subjobs.is_empty(), "atoms evicted");
 
-    let answers = |h: &mut Harness| {
+    async fn answers(
+        h: &mut Harness,
+        id: u64,
+    ) -> (
+        proto::Build,
+        proto::ListSubjobsResponse,
+        proto::ListSubjobsResponse,
+        std::path::PathBuf,
+        bool,
+    ) {
         let b = h.build(id);
-        let all = h
-            .call(|reply| ClientCall::ListSubjobs {
-                build: BuildId(id),
-                offset: 0,
-                limit: 0,
-                reply,
-            })
-            .unwrap();
-        let page = h
-            .call(|reply| ClientCall::ListSubjobs {
-                build: BuildId(id),
-                offset: 1,
-                limit: 1,
-                reply,
-            })
-            .unwrap();
-        let console = h
-            .call(|reply| ClientCall::Console(AtomRef::new(id, 2, 0), reply))
-            .unwrap();
-        let bad_subjob = h.call(|reply| ClientCall::Console(AtomRef::new(id, 3, 0), reply));
-        let bad_atom = h.call(|reply| ClientCall::Console(AtomRef::new(id, 0, 1), reply));
+        let all = h.subjob_page(id, 0, 0).await.unwrap();
+        let page = h.subjob_page(id, 1, 1).await.unwrap();
+        let console = h.console(AtomRef::new(id, 2, 0)).await.unwrap();
+        let bad_subjob = h.console(AtomRef::new(id, 3, 0)).await;
+        let bad_atom = h.console(AtomRef::new(id, 0, 1)).await;
         assert!(matches!(bad_subjob, Err(MasterError::NotFound(_))));
         assert!(matches!(bad_atom, Err(MasterError::NotFound(_))));
         (b, all, page, console.path, console.complete)
-    };
-    let before = answers(&mut h);
+    }
+    let before = answers(&mut h, id).await;
     let (b, all, page, path, complete) = before.clone();
     assert_eq!(state(&b), proto::BuildState::Finished);
     assert_eq!(b.num_subjobs, 3);
@@ -1475,9 +1502,9 @@ async fn a_final_build_is_evicted_and_still_answers_from_the_store() {
     // A new master over the same database answers the same, without loading the atoms.
     drop(h);
     let mut h = Harness::with_store(store);
-    h.core.recover().unwrap();
+    h.recover().await;
     assert!(h.core.builds[&id].subjobs.is_empty());
-    let after = answers(&mut h);
+    let after = answers(&mut h, id).await;
     assert_eq!(after.0, before.0);
     assert_eq!(after.1, before.1);
     assert_eq!(after.2, before.2);
@@ -1491,8 +1518,7 @@ async fn a_final_build_is_evicted_and_still_answers_from_the_store() {
 async fn queue_batches_of_short_atoms_survive_a_slave_lost_mid_batch() {
     let mut h = Harness::new();
     let names = atoms(40);
-    h.core
-        .store
+    h.store
         .merge_timings(
             "dir:/tmp/p//",
             "Job",
@@ -1567,5 +1593,43 @@ async fn shutdown_releases_the_slaves_and_stops_the_actor() {
         s.rx.try_recv().unwrap_err(),
         mpsc::error::TryRecvError::Disconnected,
         "the slave's stream ends"
+    );
+}
+
+/// Attempt ids name directories and let slaves report work after a restart: ids handed out
+/// before a crash whose reservation never reached the disk are not handed out again.
+#[tokio::test]
+async fn attempt_ids_never_repeat_across_a_restart_before_their_reservation_is_stored() {
+    let store = Store::temporary().unwrap();
+    let before = {
+        let mut h = Harness::with_store(store.clone());
+        let mut s = h.slave("s", 2);
+        let id = h.submit(dir_request(CONFIG)).await;
+        assert!(matches!(s.next(), Some(D::Prepare(_))));
+        h.prepared(&s, id, job(0, 0), atoms(2)).await;
+        assert!(matches!(s.next(), Some(D::Setup(_))));
+        h.setup_ok(&s, id);
+        // Dispatched; the master "crashes" before the commit with the reservation.
+        run_subjobs(&s.all())
+            .iter()
+            .map(|r| r.attempt)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(before.len(), 2);
+    let mut h = Harness::with_store(store);
+    h.recover().await;
+    let mut s = h.slave("s2", 2);
+    // Its slave never came back: once the resume grace is over, the work is dispatched again.
+    h.clock
+        .advance(h.core.cfg.resume_grace + Duration::from_millis(1));
+    h.core.handle(tick());
+    assert!(matches!(s.next(), Some(D::Setup(_))));
+    let id = h.core.active.first().copied().unwrap();
+    h.setup_ok(&s, id);
+    let after: Vec<u64> = run_subjobs(&s.all()).iter().map(|r| r.attempt).collect();
+    assert_eq!(after.len(), 2, "both subjobs dispatched again");
+    assert!(
+        after.iter().all(|a| !before.contains(a)),
+        "{before:?} then {after:?}"
     );
 }

@@ -3,8 +3,8 @@
 //! database; calling it again must reopen the same database (what a restarted master sees).
 //! The sled backend runs it in `storage::sled`'s tests; PostgreSQL (issue 16) will run the same.
 use super::{
-    AuditStore, BuildStore, CatalogKind, CatalogRecord, CatalogStore, ExecutionRecord, PutOutcome,
-    ScheduleStore, Stores,
+    AuditStore, BuildBatch, BuildStore, BuildWrite, CatalogKind, CatalogRecord, CatalogStore,
+    Counters, ExecutionRecord, PutOutcome, ScheduleStore, Stores,
 };
 use ish_core::proto;
 use std::collections::HashMap;
@@ -27,9 +27,6 @@ pub async fn run_all(open: &dyn Fn() -> Stores) {
         before, after,
         "a reopened database holds what was acknowledged"
     );
-    // Counters continue where they were, never repeating.
-    assert!(s.builds.next_build_id().await.unwrap() > before.last_build_id);
-    assert!(s.builds.reserve_attempts(1).await.unwrap() >= before.attempts_end);
     let seq = s.audit.append(5, b"after reopen".to_vec()).await.unwrap();
     assert!(seq > before.last_audit_seq);
 }
@@ -46,8 +43,7 @@ struct Snapshot {
     schedules: Vec<(String, Vec<u8>)>,
     executions: Vec<ExecutionRecord>,
     audit: Vec<super::AuditRecord>,
-    last_build_id: u64,
-    attempts_end: u64,
+    counters: Counters,
     last_audit_seq: u64,
 }
 
@@ -75,15 +71,14 @@ impl Snapshot {
                 .list_executions(i64::MIN..i64::MAX, None, 1000)
                 .await
                 .unwrap(),
-            last_build_id: LAST_BUILD_ID,
-            attempts_end: ATTEMPTS_END,
+            counters: s.builds.load_counters().await.unwrap(),
             last_audit_seq: audit.iter().map(|a| a.seq).max().unwrap_or(0),
             audit,
         }
     }
 }
 
-/// What `builds` leaves behind: the ids it reserved end here (a fresh database).
+/// Counters `builds` stores.
 const LAST_BUILD_ID: u64 = 2;
 const ATTEMPTS_END: u64 = 21;
 
@@ -108,28 +103,46 @@ fn record(id: u64, state: proto::BuildState) -> proto::StoredBuild {
     }
 }
 
+/// Commits one batch of writes.
+async fn commit(s: &dyn BuildStore, writes: Vec<BuildWrite>) {
+    let mut batch = BuildBatch::default();
+    for w in writes {
+        batch.push(w);
+    }
+    s.commit(Arc::new(batch)).await.unwrap();
+}
+
 /// Builds and results. Expects a fresh database.
 pub async fn builds(s: &dyn BuildStore) {
-    assert_eq!(s.next_build_id().await.unwrap(), 1);
-    assert_eq!(s.next_build_id().await.unwrap(), LAST_BUILD_ID);
-    let a = s.reserve_attempts(10).await.unwrap();
-    assert_eq!(s.reserve_attempts(10).await.unwrap(), a + 10);
     assert_eq!(
-        a + 20,
-        ATTEMPTS_END,
-        "a fresh database's attempt ids start at 1"
+        s.load_counters().await.unwrap(),
+        Counters {
+            last_build_id: 0,
+            next_attempt: 1
+        },
+        "a fresh database"
     );
-
-    s.put_build(record(2, proto::BuildState::Queued))
-        .await
-        .unwrap();
-    s.put_build(record(1, proto::BuildState::Building))
-        .await
-        .unwrap();
-    // A record is replaced, not added; the listing ascends by id.
-    s.put_build(record(2, proto::BuildState::Finished))
-        .await
-        .unwrap();
+    commit(
+        s,
+        vec![
+            BuildWrite::LastBuildId(1),
+            BuildWrite::Build(Box::new(record(2, proto::BuildState::Queued))),
+            BuildWrite::Build(Box::new(record(1, proto::BuildState::Building))),
+            BuildWrite::LastBuildId(LAST_BUILD_ID),
+            BuildWrite::AttemptsReservedTo(ATTEMPTS_END),
+            // A record is replaced, not added.
+            BuildWrite::Build(Box::new(record(2, proto::BuildState::Finished))),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.load_counters().await.unwrap(),
+        Counters {
+            last_build_id: LAST_BUILD_ID,
+            next_attempt: ATTEMPTS_END
+        }
+    );
+    // The listing ascends by id.
     let ids: Vec<_> = s
         .load_builds()
         .await
@@ -145,26 +158,32 @@ pub async fn builds(s: &dyn BuildStore) {
         ]
     );
 
-    // A grouping spread over many subjobs (more than one sled chunk), results over it,
-    // neighbouring builds untouched.
-    let grouping: Vec<proto::Atom> = (0..400u32)
+    // A grouping spread over several chunks, results over it, neighbouring builds untouched.
+    let grouping: Vec<proto::Atom> = (0..800u32)
         .flat_map(|sj| (0..sj % 5 + 1).map(move |id| atom(sj, id)))
         .collect();
-    for build in [6, 7, 8] {
-        s.put_grouping(build, grouping.clone()).await.unwrap();
-    }
+    assert!(grouping.len() > 2 * super::GROUPING_CHUNK_ATOMS);
+    let groupings = [6, 7, 8]
+        .map(|b| BuildWrite::grouping(b, &grouping))
+        .to_vec();
+    commit(s, groupings).await;
     let mut expected = grouping.clone();
+    let mut results = Vec::new();
     for a in expected
         .iter_mut()
         .filter(|a| (a.subjob_id + a.id) % 4 == 0)
     {
         a.exit_code = Some(1);
         a.slave = "s1".into();
-        s.put_atom(7, a.clone()).await.unwrap();
+        results.push(BuildWrite::Atom {
+            build: 7,
+            atom: a.clone(),
+        });
     }
+    commit(s, results).await;
     assert_eq!(s.load_atoms_range(7, 0..u32::MAX).await.unwrap(), expected);
     assert_eq!(s.load_atoms_range(6, 0..u32::MAX).await.unwrap(), grouping);
-    for (lo, hi) in [(0, 1), (99, 250), (399, 400), (400, 500)] {
+    for (lo, hi) in [(0, 1), (99, 250), (340, 345), (799, 800), (800, 900)] {
         let want: Vec<_> = expected
             .iter()
             .filter(|a| (lo..hi).contains(&a.subjob_id))
@@ -176,43 +195,68 @@ pub async fn builds(s: &dyn BuildStore) {
             "{lo}..{hi}"
         );
     }
-    let some = &expected[123];
-    assert_eq!(
-        s.get_atom(7, some.subjob_id, some.id)
-            .await
-            .unwrap()
-            .as_ref(),
-        Some(some)
-    );
+    for some in [
+        &expected[0],
+        &expected[123],
+        &expected[1500],
+        &expected[expected.len() - 1],
+    ] {
+        assert_eq!(
+            s.get_atom(7, some.subjob_id, some.id)
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(some)
+        );
+    }
     assert_eq!(s.get_atom(7, 0, 1).await.unwrap(), None);
     assert_eq!(s.get_atom(5, 0, 0).await.unwrap(), None);
 
-    s.put_attempts(7, 3, 2).await.unwrap();
-    s.put_attempts(7, 1, 4).await.unwrap();
-    s.put_attempts(7, 3, 5).await.unwrap();
-    s.put_attempts(6, 0, 9).await.unwrap();
+    let attempts = |build, subjob, attempts| BuildWrite::Attempts {
+        build,
+        subjob,
+        attempts,
+    };
+    commit(
+        s,
+        vec![
+            attempts(7, 3, 2),
+            attempts(7, 1, 4),
+            attempts(7, 3, 5),
+            attempts(6, 0, 9),
+        ],
+    )
+    .await;
     assert_eq!(
         s.load_attempts_range(7, 0..u32::MAX).await.unwrap(),
         [(1, 4), (3, 5)]
     );
     assert_eq!(s.load_attempts_range(7, 2..4).await.unwrap(), [(3, 5)]);
 
-    // Clearing a build's details leaves its neighbours.
-    s.clear_build_details(6).await.unwrap();
-    assert!(s.load_atoms_range(6, 0..u32::MAX).await.unwrap().is_empty());
+    // A new grouping replaces a build's atoms and dispatch counts, not its neighbours'.
+    let regrouped = vec![atom(0, 0), atom(0, 1)];
+    commit(s, vec![BuildWrite::grouping(6, &regrouped)]).await;
+    assert_eq!(s.load_atoms_range(6, 0..u32::MAX).await.unwrap(), regrouped);
     assert!(
         s.load_attempts_range(6, 0..u32::MAX)
             .await
             .unwrap()
             .is_empty()
     );
-    assert_eq!(s.get_atom(6, 0, 0).await.unwrap(), None);
+    assert_eq!(s.get_atom(6, 3, 0).await.unwrap(), None);
     assert_eq!(s.load_atoms_range(8, 0..u32::MAX).await.unwrap(), grouping);
 
     let over = vec!["export A=1;".to_string(), "export A=2;".to_string()];
-    s.put_atoms_override(9, over.clone()).await.unwrap();
-    s.put_atoms_override(10, vec!["x".into()]).await.unwrap();
-    s.remove_atoms_override(10).await.unwrap();
+    let set = |build, atoms| BuildWrite::AtomsOverride { build, atoms };
+    commit(
+        s,
+        vec![
+            set(9, over.clone()),
+            set(10, vec!["x".into()]),
+            set(10, Vec::new()),
+        ],
+    )
+    .await;
     assert_eq!(s.atoms_override(9).await.unwrap(), over);
     assert!(s.atoms_override(10).await.unwrap().is_empty());
     assert!(s.atoms_override(11).await.unwrap().is_empty());
@@ -243,7 +287,6 @@ pub async fn builds(s: &dyn BuildStore) {
             .unwrap()
             .is_empty()
     );
-    s.flush().await.unwrap();
 }
 
 fn rec(kind: CatalogKind, id: &str, scope: &str, name: &str) -> CatalogRecord {

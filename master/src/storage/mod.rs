@@ -22,10 +22,7 @@
 //! - Listings page with an exclusive cursor and a limit, so a long history stays fast.
 //!
 //! The traits are object safe (methods return [`BoxFuture`]) so an owner holds an
-//! `Arc<dyn …Store>` picked at start-up. The build engine still calls the sled [`Store`]'s
-//! synchronous methods from inside its actor; moving its reads off the actor and its writes into
-//! staged batches committed by the group commit is the step that lets it run on
-//! [`BuildStore`] alone (see `docs/architecture.md`, "Storage").
+//! `Arc<dyn …Store>` picked at start-up.
 pub mod contract;
 pub mod sled;
 
@@ -42,41 +39,178 @@ use std::sync::Arc;
 /// What the storage traits return: a boxed future, so the traits stay object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
+/// The build engine's counters, as stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// The highest build id ever given out (0 for a fresh database).
+    pub last_build_id: u64,
+    /// The first attempt id not yet reserved (1 for a fresh database): attempt ids name
+    /// directories on disk, so they never repeat after a restart.
+    pub next_attempt: u64,
+}
+
+/// One staged write of the build engine (see [`BuildBatch`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildWrite {
+    /// A build record, keyed by its build's id (replaces the stored one).
+    Build(Box<proto::StoredBuild>),
+    /// A prepared build's grouping (see [`BuildWrite::grouping`]). Replaces every atom and
+    /// dispatch count the build had (a preparation redone after a crash).
+    Grouping {
+        /// Build.
+        build: u64,
+        /// Its atoms in (subjob, atom) order, as encoded records of at most
+        /// [`GROUPING_CHUNK_ATOMS`] atoms: encoded when staged, so a 200,000-atom build's
+        /// grouping waits for its commit in a few MB rather than as a copy of every atom.
+        chunks: Vec<GroupingChunk>,
+    },
+    /// One atom's result, superseding the grouping's copy.
+    Atom {
+        /// Build.
+        build: u64,
+        /// The atom with its result.
+        atom: proto::Atom,
+    },
+    /// How many times a subjob has been dispatched.
+    Attempts {
+        /// Build.
+        build: u64,
+        /// Subjob.
+        subjob: u32,
+        /// Dispatches so far.
+        attempts: u32,
+    },
+    /// A build's `atoms_override`; empty removes it.
+    AtomsOverride {
+        /// Build.
+        build: u64,
+        /// The request's atoms.
+        atoms: Vec<String>,
+    },
+    /// Build ids up to this one are given out.
+    LastBuildId(u64),
+    /// Attempt ids below this one are reserved.
+    AttemptsReservedTo(u64),
+}
+
+/// Atoms per stored grouping record (sled's memory grows with the record count, not bytes).
+pub const GROUPING_CHUNK_ATOMS: usize = 1024;
+
+/// Consecutive atoms of a grouping, encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupingChunk {
+    /// (subjob, atom) of its first atom: where it is found.
+    pub first: (u32, u32),
+    /// A `StoredAtoms` record.
+    pub encoded: Vec<u8>,
+}
+
+impl BuildWrite {
+    /// A build's grouping from its atoms, in (subjob, atom) order.
+    pub fn grouping<'a>(build: u64, atoms: impl IntoIterator<Item = &'a proto::Atom>) -> Self {
+        use prost::Message;
+        let mut chunks = Vec::new();
+        let mut chunk = proto::StoredAtoms::default();
+        let mut seal = |chunk: &mut proto::StoredAtoms| {
+            if let Some(a) = chunk.atoms.first() {
+                chunks.push(GroupingChunk {
+                    first: (a.subjob_id, a.id),
+                    encoded: chunk.encode_to_vec(),
+                });
+                chunk.atoms.clear();
+            }
+        };
+        for a in atoms {
+            chunk.atoms.push(a.clone());
+            if chunk.atoms.len() == GROUPING_CHUNK_ATOMS {
+                seal(&mut chunk);
+            }
+        }
+        seal(&mut chunk);
+        Self::Grouping { build, chunks }
+    }
+}
+
+/// The build engine's writes since its last commit, in the order they were made. A build
+/// record supersedes an earlier one of the same build (only the latest is written, at the
+/// position of the latest), so a build changing a thousand times between two commits costs one
+/// write, and a record never lands before writes it was staged after.
+#[derive(Debug, Default, Clone)]
+pub struct BuildBatch {
+    writes: Vec<Option<BuildWrite>>,
+    /// Where each build's latest record is in `writes`.
+    records: HashMap<u64, usize>,
+}
+
+impl BuildBatch {
+    /// Stages a write.
+    pub fn push(&mut self, write: BuildWrite) {
+        if let BuildWrite::Build(rec) = &write {
+            let id = rec.build.as_ref().map(|b| b.id).unwrap_or_default();
+            if let Some(old) = self.records.insert(id, self.writes.len()) {
+                self.writes[old] = None;
+            }
+        }
+        self.writes.push(Some(write));
+    }
+
+    /// True when nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.writes.iter().all(Option::is_none)
+    }
+
+    /// The writes to apply, in order.
+    pub fn writes(&self) -> impl Iterator<Item = &BuildWrite> {
+        self.writes.iter().flatten()
+    }
+
+    /// Builds with an atom result among the writes.
+    pub fn builds_with_results(&self) -> std::collections::BTreeSet<u64> {
+        self.writes()
+            .filter_map(|w| match w {
+                BuildWrite::Atom { build, .. } => Some(*build),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Puts the writes of a batch that failed to commit back before these (newer) ones: they
+    /// are committed again with the next batch, a build's newer record still winning.
+    pub fn requeue(&mut self, failed: &BuildBatch) {
+        let newer = std::mem::take(self);
+        for w in failed.writes().chain(newer.writes()) {
+            self.push(w.clone());
+        }
+    }
+}
+
 /// Builds, their atoms and results, dispatch counts and the timing history.
+///
+/// The build engine writes through [`BuildStore::commit`] only: its actor stages writes in a
+/// [`BuildBatch`] and commits one batch at a time (its group commit); reads it needs while
+/// running are served off the actor (final builds' atoms, the timing history at prepare) or
+/// made once before it starts (recovery).
 pub trait BuildStore: Send + Sync + std::fmt::Debug {
-    /// Reserves the next build id (from 1; never repeats for this database).
-    fn next_build_id(&self) -> BoxFuture<'_, u64>;
-    /// Reserves `count` consecutive attempt ids and returns the first (attempt ids name
-    /// directories on disk, so they never repeat after a restart).
-    fn reserve_attempts(&self, count: u64) -> BoxFuture<'_, u64>;
-    /// Writes (or replaces) a build record, keyed by its build's id.
-    fn put_build(&self, rec: proto::StoredBuild) -> BoxFuture<'_, ()>;
+    /// Applies a batch, in order, and makes it durable: when this answers `Ok`, every write of
+    /// the batch survives a crash. On `Err` some writes may be applied: every write is
+    /// idempotent, so the engine commits the same writes again.
+    fn commit(&self, batch: Arc<BuildBatch>) -> BoxFuture<'_, ()>;
+    /// The stored counters.
+    fn load_counters(&self) -> BoxFuture<'_, Counters>;
     /// Every build record, ascending id.
     fn load_builds(&self) -> BoxFuture<'_, Vec<proto::StoredBuild>>;
-    /// Writes a build's grouping: all its atoms, in (subjob, atom) order.
-    fn put_grouping(&self, build: u64, atoms: Vec<proto::Atom>) -> BoxFuture<'_, ()>;
-    /// Writes one atom (its result), superseding the grouping's copy.
-    fn put_atom(&self, build: u64, atom: proto::Atom) -> BoxFuture<'_, ()>;
     /// The atoms of subjobs `subjobs`, ordered by (subjob, atom), results over grouping.
     fn load_atoms_range(&self, build: u64, subjobs: Range<u32>) -> BoxFuture<'_, Vec<proto::Atom>>;
     /// One atom of a build.
     fn get_atom(&self, build: u64, subjob: u32, atom: u32) -> BoxFuture<'_, Option<proto::Atom>>;
-    /// Records how many times a subjob has been dispatched.
-    fn put_attempts(&self, build: u64, subjob: u32, attempts: u32) -> BoxFuture<'_, ()>;
     /// Dispatch counts of subjobs `subjobs`: (subjob id, count), ascending.
     fn load_attempts_range(
         &self,
         build: u64,
         subjobs: Range<u32>,
     ) -> BoxFuture<'_, Vec<(u32, u32)>>;
-    /// Deletes a build's atoms and dispatch counts (before a new grouping is stored).
-    fn clear_build_details(&self, build: u64) -> BoxFuture<'_, ()>;
-    /// Stores a build's `atoms_override` (needed until the build is prepared).
-    fn put_atoms_override(&self, build: u64, atoms: Vec<String>) -> BoxFuture<'_, ()>;
     /// A build's `atoms_override` (empty when it has none).
     fn atoms_override(&self, build: u64) -> BoxFuture<'_, Vec<String>>;
-    /// Forgets a build's `atoms_override`.
-    fn remove_atoms_override(&self, build: u64) -> BoxFuture<'_, ()>;
     /// Recorded seconds of the given atoms of a job (atoms without a record are left out).
     fn timings(
         &self,
@@ -84,15 +218,14 @@ pub trait BuildStore: Send + Sync + std::fmt::Debug {
         job: String,
         atoms: Vec<String>,
     ) -> BoxFuture<'_, HashMap<String, f64>>;
-    /// Merges new atom times into a job's history (new values replace old ones).
+    /// Merges new atom times into a job's history (new values replace old ones), durably.
+    /// Written by the results queue at a build's end, apart from the engine's batches.
     fn merge_timings(
         &self,
         project_key: String,
         job: String,
         times: Vec<(String, f64)>,
     ) -> BoxFuture<'_, ()>;
-    /// Waits until everything written so far is durable (the group commit's barrier).
-    fn flush(&self) -> BoxFuture<'_, ()>;
 }
 
 /// What a catalog record is. Scopes: accounts, projects and tokens are top level (scope `""`,
@@ -260,4 +393,88 @@ pub struct Stores {
     pub schedules: Arc<dyn ScheduleStore>,
     /// The audit log.
     pub audit: Arc<dyn AuditStore>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64, state: proto::BuildState) -> BuildWrite {
+        BuildWrite::Build(Box::new(proto::StoredBuild {
+            build: Some(proto::Build {
+                id,
+                state: state as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    /// Only a build's latest record is written, at its latest position: never before writes
+    /// staged ahead of it (a record saying PREPARED must not land before its grouping).
+    #[test]
+    fn a_newer_record_supersedes_and_moves_behind_what_came_between() {
+        let mut b = BuildBatch::default();
+        assert!(b.is_empty());
+        b.push(record(1, proto::BuildState::Preparing));
+        b.push(BuildWrite::grouping(1, &[proto::Atom::default()]));
+        b.push(record(2, proto::BuildState::Queued));
+        b.push(record(1, proto::BuildState::Prepared));
+        let order: Vec<String> = b
+            .writes()
+            .map(|w| match w {
+                BuildWrite::Build(r) => format!(
+                    "build {} {}",
+                    r.build.as_ref().unwrap().id,
+                    r.build.as_ref().unwrap().state
+                ),
+                BuildWrite::Grouping { build, .. } => format!("grouping {build}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        let prepared = proto::BuildState::Prepared as i32;
+        let queued = proto::BuildState::Queued as i32;
+        assert_eq!(
+            order,
+            [
+                "grouping 1".to_string(),
+                format!("build 2 {queued}"),
+                format!("build 1 {prepared}")
+            ]
+        );
+    }
+
+    /// A failed batch goes back before the writes staged since, and a record staged since
+    /// still wins over the failed batch's.
+    #[test]
+    fn a_requeued_batch_goes_first_and_newer_records_win() {
+        let mut failed = BuildBatch::default();
+        failed.push(record(1, proto::BuildState::Building));
+        failed.push(BuildWrite::Atom {
+            build: 1,
+            atom: proto::Atom::default(),
+        });
+        failed.push(record(3, proto::BuildState::Building));
+        let mut pending = BuildBatch::default();
+        pending.push(record(1, proto::BuildState::Error));
+        pending.push(BuildWrite::LastBuildId(4));
+        pending.requeue(&failed);
+        let got: Vec<BuildWrite> = pending.writes().cloned().collect();
+        assert_eq!(
+            got,
+            [
+                BuildWrite::Atom {
+                    build: 1,
+                    atom: proto::Atom::default()
+                },
+                record(3, proto::BuildState::Building),
+                record(1, proto::BuildState::Error),
+                BuildWrite::LastBuildId(4),
+            ]
+        );
+        assert_eq!(
+            failed.builds_with_results().into_iter().collect::<Vec<_>>(),
+            [1]
+        );
+    }
 }

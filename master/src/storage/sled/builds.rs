@@ -16,11 +16,14 @@
 //! (microseconds, page cache) and makes them durable with [`Store::flush`], its group commit.
 //! The [`BuildStore`] impl is the same operations behind the async trait.
 use crate::error::{MasterError, Result};
-use crate::storage::{BoxFuture, BuildStore, Stores};
+use crate::storage::{
+    BoxFuture, BuildBatch, BuildStore, BuildWrite, Counters, GroupingChunk, Stores,
+};
 use ish_core::proto;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Handle to the database. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -43,9 +46,6 @@ const TIMING_BUCKETS: usize = 256;
 
 /// sled's in-memory page cache.
 const DB_CACHE_BYTES: u64 = 16 << 20;
-
-/// Atoms written per sled batch.
-const ATOM_BATCH: usize = 1024;
 
 const NEXT_BUILD_ID: &[u8] = b"next_build_id";
 const NEXT_ATTEMPT: &[u8] = b"next_attempt";
@@ -132,39 +132,6 @@ impl Store {
         Ok(self)
     }
 
-    /// Reserves the next build id (ids start at 1 and never repeat for this database).
-    pub fn next_build_id(&self) -> Result<u64> {
-        let v = self.meta.update_and_fetch(NEXT_BUILD_ID, |old| {
-            let n = old
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            Some((n + 1).to_be_bytes().to_vec())
-        })?;
-        let bytes = v
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .unwrap_or_default();
-        Ok(u64::from_be_bytes(bytes))
-    }
-
-    /// Reserves `count` consecutive attempt ids and returns the first. Attempt ids name
-    /// directories on disk, so they must not repeat after a restart; reserving blocks keeps
-    /// that to one write per block.
-    pub fn reserve_attempts(&self, count: u64) -> Result<u64> {
-        let v = self.meta.fetch_and_update(NEXT_ATTEMPT, |old| {
-            let n = old
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(1);
-            Some((n + count).to_be_bytes().to_vec())
-        })?;
-        let start = v
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(1);
-        Ok(start)
-    }
-
     /// Writes a build record.
     pub fn put_build(&self, rec: &proto::StoredBuild) -> Result<()> {
         self.injected_failure()?;
@@ -219,31 +186,70 @@ impl Store {
     }
 
     /// Writes a prepared build's grouping (its atoms, in (subjob, atom) order: lookups find an
-    /// atom's record by its position) as records of
-    /// `ATOM_BATCH` atoms (see `StoredAtoms`). Not atomic as a whole; callers make the atoms
-    /// count only once the build record says so (a build recovered before that is prepared
-    /// again, and its partial grouping cleared).
+    /// atom's record by its position) as records of `GROUPING_CHUNK_ATOMS` atoms. Not atomic
+    /// as a whole; callers make the atoms count only once the build record says so (a build
+    /// recovered before that is prepared again, and its partial grouping cleared).
     pub fn put_atoms<'a>(
         &self,
         build: u64,
         atoms: impl IntoIterator<Item = &'a proto::Atom>,
     ) -> Result<()> {
-        let mut chunk = proto::StoredAtoms::default();
-        let write = |chunk: &mut proto::StoredAtoms| -> Result<()> {
-            if let Some(first) = chunk.atoms.first() {
-                let key = atom_key(build, first.subjob_id, first.id);
-                self.groupings.insert(key, chunk.encode_to_vec())?;
-                chunk.atoms.clear();
+        match BuildWrite::grouping(build, atoms) {
+            BuildWrite::Grouping { chunks, .. } => self.put_chunks(build, &chunks),
+            _ => unreachable!("grouping() makes a grouping"),
+        }
+    }
+
+    fn put_chunks(&self, build: u64, chunks: &[GroupingChunk]) -> Result<()> {
+        for c in chunks {
+            let key = atom_key(build, c.first.0, c.first.1);
+            self.groupings.insert(key, c.encoded.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Applies one staged write of the engine.
+    fn apply(&self, write: &BuildWrite) -> Result<()> {
+        match write {
+            BuildWrite::Build(rec) => self.put_build(rec),
+            BuildWrite::Grouping { build, chunks } => {
+                self.clear_build_details(*build)?;
+                self.put_chunks(*build, chunks)
             }
-            Ok(())
-        };
-        for a in atoms {
-            chunk.atoms.push(a.clone());
-            if chunk.atoms.len() == ATOM_BATCH {
-                write(&mut chunk)?;
+            BuildWrite::Atom { build, atom } => self.put_atom(*build, atom),
+            BuildWrite::Attempts {
+                build,
+                subjob,
+                attempts,
+            } => self.put_attempts(*build, *subjob, *attempts),
+            BuildWrite::AtomsOverride { build, atoms } if atoms.is_empty() => {
+                self.remove_atoms_override(*build)
+            }
+            BuildWrite::AtomsOverride { build, atoms } => self.put_atoms_override(*build, atoms),
+            BuildWrite::LastBuildId(id) => {
+                self.meta.insert(NEXT_BUILD_ID, &id.to_be_bytes())?;
+                Ok(())
+            }
+            BuildWrite::AttemptsReservedTo(end) => {
+                self.meta.insert(NEXT_ATTEMPT, &end.to_be_bytes())?;
+                Ok(())
             }
         }
-        write(&mut chunk)
+    }
+
+    /// The stored counters.
+    pub fn counters(&self) -> Result<Counters> {
+        let read = |key: &[u8]| -> Result<Option<u64>> {
+            Ok(self
+                .meta
+                .get(key)?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+                .map(u64::from_be_bytes))
+        };
+        Ok(Counters {
+            last_build_id: read(NEXT_BUILD_ID)?.unwrap_or(0),
+            next_attempt: read(NEXT_ATTEMPT)?.unwrap_or(1),
+        })
     }
 
     /// A build's atoms, ordered by (subjob, atom).
@@ -442,43 +448,22 @@ impl Store {
     }
 }
 
-/// A point write made durable before it answers, as the trait promises.
-async fn durable(store: &Store, write: Result<()>) -> Result<()> {
-    write?;
-    store.flush().await
-}
-
 impl BuildStore for Store {
-    fn next_build_id(&self) -> BoxFuture<'_, u64> {
+    fn commit(&self, batch: Arc<BuildBatch>) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let id = Store::next_build_id(self)?;
-            self.flush().await?;
-            Ok(id)
+            for w in batch.writes() {
+                self.apply(w)?;
+            }
+            self.flush().await
         })
     }
 
-    fn reserve_attempts(&self, count: u64) -> BoxFuture<'_, u64> {
-        Box::pin(async move {
-            let first = Store::reserve_attempts(self, count)?;
-            self.flush().await?;
-            Ok(first)
-        })
-    }
-
-    fn put_build(&self, rec: proto::StoredBuild) -> BoxFuture<'_, ()> {
-        Box::pin(async move { durable(self, Store::put_build(self, &rec)).await })
+    fn load_counters(&self) -> BoxFuture<'_, Counters> {
+        Box::pin(async move { self.counters() })
     }
 
     fn load_builds(&self) -> BoxFuture<'_, Vec<proto::StoredBuild>> {
         Box::pin(async move { Store::load_builds(self) })
-    }
-
-    fn put_grouping(&self, build: u64, atoms: Vec<proto::Atom>) -> BoxFuture<'_, ()> {
-        Box::pin(async move { durable(self, self.put_atoms(build, &atoms)).await })
-    }
-
-    fn put_atom(&self, build: u64, atom: proto::Atom) -> BoxFuture<'_, ()> {
-        Box::pin(async move { durable(self, Store::put_atom(self, build, &atom)).await })
     }
 
     fn load_atoms_range(
@@ -493,12 +478,6 @@ impl BuildStore for Store {
         Box::pin(async move { Store::get_atom(self, build, subjob, atom) })
     }
 
-    fn put_attempts(&self, build: u64, subjob: u32, attempts: u32) -> BoxFuture<'_, ()> {
-        Box::pin(
-            async move { durable(self, Store::put_attempts(self, build, subjob, attempts)).await },
-        )
-    }
-
     fn load_attempts_range(
         &self,
         build: u64,
@@ -507,20 +486,8 @@ impl BuildStore for Store {
         Box::pin(async move { Store::load_attempts_range(self, build, subjobs) })
     }
 
-    fn clear_build_details(&self, build: u64) -> BoxFuture<'_, ()> {
-        Box::pin(async move { durable(self, Store::clear_build_details(self, build)).await })
-    }
-
-    fn put_atoms_override(&self, build: u64, atoms: Vec<String>) -> BoxFuture<'_, ()> {
-        Box::pin(async move { durable(self, Store::put_atoms_override(self, build, &atoms)).await })
-    }
-
     fn atoms_override(&self, build: u64) -> BoxFuture<'_, Vec<String>> {
         Box::pin(async move { Store::atoms_override(self, build) })
-    }
-
-    fn remove_atoms_override(&self, build: u64) -> BoxFuture<'_, ()> {
-        Box::pin(async move { durable(self, Store::remove_atoms_override(self, build)).await })
     }
 
     fn timings(
@@ -541,18 +508,14 @@ impl BuildStore for Store {
         times: Vec<(String, f64)>,
     ) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let write = Store::merge_timings(
+            Store::merge_timings(
                 self,
                 &project_key,
                 &job,
                 times.iter().map(|(a, s)| (a.as_str(), *s)),
-            );
-            durable(self, write).await
+            )?;
+            self.flush().await
         })
-    }
-
-    fn flush(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move { Store::flush(self).await })
     }
 }
 
@@ -609,33 +572,6 @@ mod tests {
     }
 
     #[test]
-    fn ids_increase_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path()).unwrap();
-            assert_eq!(s.next_build_id().unwrap(), 1);
-            assert_eq!(s.next_build_id().unwrap(), 2);
-            s.db.flush().unwrap();
-        }
-        let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.next_build_id().unwrap(), 3);
-    }
-
-    #[test]
-    fn attempt_blocks_never_overlap_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = {
-            let s = Store::open(dir.path()).unwrap();
-            let a = s.reserve_attempts(10).unwrap();
-            assert_eq!(s.reserve_attempts(10).unwrap(), a + 10);
-            s.db.flush().unwrap();
-            a
-        };
-        let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.reserve_attempts(5).unwrap(), first + 20);
-    }
-
-    #[test]
     fn atoms_round_trip_in_order() {
         let s = Store::temporary().unwrap();
         let mk = |sj, id| proto::Atom {
@@ -672,7 +608,7 @@ mod tests {
                 })
             })
             .collect();
-        assert!(grouping.len() > 2 * ATOM_BATCH);
+        assert!(grouping.len() > 2 * crate::storage::GROUPING_CHUNK_ATOMS);
         for build in [6, 7, 8] {
             s.put_atoms(build, &grouping).unwrap();
         }
