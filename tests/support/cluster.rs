@@ -286,8 +286,8 @@ impl TestCluster {
     }
 
     /// A request whose body carries its correct digest under the cluster secret.
-    pub async fn signed(&self, method: Method, path: &str, body: impl Into<Vec<u8>>) -> Resp {
-        let body = body.into();
+    pub async fn signed(&self, method: Method, path: &str, body: impl AsRef<[u8]>) -> Resp {
+        let body = body.as_ref().to_vec();
         let d = ish_core::auth::digest(&self.c.secret, &body);
         self.call(method, path, &[(DIGEST, &d)], Some(body.into()))
             .await
