@@ -24,6 +24,9 @@ pub const STEP: Duration = Duration::from_secs(20);
 pub type SlaveLinkClient =
     proto::slave_link_client::SlaveLinkClient<InterceptedService<Channel, SecretInterceptor>>;
 
+/// A change to the options, applied in order just before the cluster starts.
+type Tune = Box<dyn FnOnce(&mut LocalOptions)>;
+
 /// What to start.
 pub struct Local {
     slaves: u32,
@@ -33,7 +36,7 @@ pub struct Local {
     heartbeat_timeout_ms: Option<u64>,
     http_timeout: Duration,
     data_dir: Option<PathBuf>,
-    tune: Vec<Box<dyn FnOnce(&mut LocalOptions)>>,
+    tune: Vec<Tune>,
 }
 
 impl Local {
