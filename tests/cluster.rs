@@ -1,47 +1,12 @@
 //! In-process cluster tests: a real master, real slaves and real gRPC over 127.0.0.1 in one
-//! process (`LocalCluster`), building real git repositories made in temp dirs and real directories.
+//! process (`support::cluster::Local`), building real git repositories made in temp dirs and real
+//! directories.
 mod support;
 
-use ish_cli::local::{LocalCluster, LocalOptions};
 use ish_core::proto;
 use std::time::{Duration, Instant};
+use support::cluster::Local;
 use support::*;
-
-async fn cluster(slaves: u32, executors: u32) -> (LocalCluster, tempfile::TempDir) {
-    cluster_with(slaves, executors, |_| {}).await
-}
-
-async fn cluster_with(
-    slaves: u32,
-    executors: u32,
-    tune: impl FnOnce(&mut LocalOptions),
-) -> (LocalCluster, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = LocalOptions::new(dir.path().to_path_buf(), slaves, executors);
-    opts.master.heartbeat_interval_ms = 200;
-    opts.master.heartbeat_timeout_ms = 3_000;
-    opts.slave.kill_grace_ms = 1_000;
-    tune(&mut opts);
-    let c = LocalCluster::start(opts).await.unwrap();
-    // Wait until every slave is registered so work spreads as the tests expect.
-    let (_, mut cl) = c.clients().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = cl
-            .list_slaves(proto::ListSlavesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .slaves
-            .len();
-        if n == slaves as usize {
-            break;
-        }
-        assert!(Instant::now() < deadline, "slaves did not register");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (c, dir)
-}
 
 /// A job with setup and teardown that leave one line per run in $MARKER/setup and
 /// $MARKER/teardown, 20 atoms that each write an artifact (atom 7 fails).
@@ -78,7 +43,7 @@ fn git_job_expect(t: &str) -> AtomExpect {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn git_build_with_setup_atoms_artifacts_and_teardown() {
-    let (c, _d) = cluster(2, 2).await;
+    let c = Local::new(2, 2).start().await;
     let repo = Repo::new();
     repo.commit(&[("clusterrunner.yaml", GIT_JOB)], "job");
     let marker = tempfile::tempdir().unwrap();
@@ -129,7 +94,7 @@ async fn git_build_with_setup_atoms_artifacts_and_teardown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn directory_build_runs_setup_and_teardown_once_per_slave_in_the_project() {
-    let (c, _d) = cluster(2, 2).await;
+    let c = Local::new(2, 2).start().await;
     let project = project_with(
         r#"
 Dir:
@@ -170,7 +135,7 @@ Dir:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn inline_config_job_name_selection_and_atoms_override() {
-    let (c, _d) = cluster(1, 2).await;
+    let c = Local::new(1, 2).start().await;
     let repo = Repo::new();
     repo.commit(
         &[(
@@ -250,7 +215,7 @@ Third:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hash_that_is_not_the_branch_head_is_built() {
-    let (c, _d) = cluster(1, 1).await;
+    let c = Local::new(1, 1).start().await;
     let repo = Repo::new();
     let job = |v: &str| {
         format!("J:\n  commands: ['cat version.txt']\n  atomizers: [{{A: 'echo {v}'}}]\n")
@@ -303,7 +268,7 @@ async fn a_hash_that_is_not_the_branch_head_is_built() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_job_config_error_is_reported() {
-    let (c, _d) = cluster(1, 1).await;
+    let c = Local::new(1, 1).start().await;
     let (mut b, _) = c.clients().await.unwrap();
     let cases: &[(&str, &str)] = &[
         (
@@ -424,7 +389,7 @@ async fn every_job_config_error_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slave_dying_mid_build_loses_nothing() {
-    let (mut c, _d) = cluster(2, 2).await;
+    let mut c = Local::new(2, 2).start().await;
     let project = project_with(
         "K:\n  commands: ['sleep 0.2', 'echo $T > $ARTIFACT_DIR/t']\n  atomizers: [{T: 'seq 1 24'}]\n",
     );
@@ -450,7 +415,7 @@ async fn a_slave_dying_mid_build_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_during_atomizing_and_during_building() {
-    let (c, _d) = cluster(1, 2).await;
+    let c = Local::new(1, 2).start().await;
     let marker = tempfile::tempdir().unwrap();
     let m = marker.path().display().to_string();
     let (mut b, _) = c.clients().await.unwrap();
@@ -579,7 +544,7 @@ async fn cancel_during_atomizing_and_during_building() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failing_setup_errors_the_build_and_the_slave_stays_usable() {
-    let (c, _d) = cluster(1, 2).await;
+    let c = Local::new(1, 2).start().await;
     let project = project_with(
         "S:\n  setup_build: ['echo broken setup; exit 9']\n  commands: ['true']\n  atomizers: [{V: 'seq 3'}]\n",
     );
@@ -617,7 +582,7 @@ async fn failing_setup_errors_the_build_and_the_slave_stays_usable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_finished_build_survives_a_master_restart() {
-    let (mut c, _d) = cluster(1, 2).await;
+    let mut c = Local::new(1, 2).start().await;
     let project = project_with(
         "R:\n  commands: ['echo kept $V | tee $ARTIFACT_DIR/k']\n  atomizers: [{V: 'seq 4'}]\n",
     );
@@ -654,7 +619,7 @@ async fn a_finished_build_survives_a_master_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_second_build_uses_timing_history() {
-    let (c, _d) = cluster(1, 2).await;
+    let c = Local::new(1, 2).start().await;
     let project = tempfile::tempdir().unwrap();
     // Atom N sleeps N/10 s; max_executors 2 makes ClusterRunner's time-based grouping visible.
     write_job(
@@ -713,7 +678,7 @@ async fn the_second_build_uses_timing_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_secret_is_refused() {
-    let (c, d) = cluster(1, 1).await;
+    let c = Local::new(1, 1).start().await;
     let err = ish_cli::local::connect(&c.master_url, "not-the-secret", Duration::from_secs(5))
         .await
         .unwrap()
@@ -731,7 +696,7 @@ async fn a_wrong_secret_is_refused() {
     let cfg = ish_slave::SlaveConfig {
         master: c.master_url.clone(),
         executors: 1,
-        data_dir: d.path().join("bad-slave"),
+        data_dir: c.data_dir.join("bad-slave"),
         name: Some("intruder".into()),
         ..Default::default()
     };
@@ -749,7 +714,7 @@ async fn a_wrong_secret_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn console_output_is_served_live_while_the_atom_runs() {
     use tokio_stream::StreamExt;
-    let (c, _d) = cluster(1, 1).await;
+    let c = Local::new(1, 1).start().await;
     let marker = tempfile::tempdir().unwrap();
     let go = marker.path().join("go");
     let project = project_with(&format!(
@@ -851,7 +816,10 @@ async fn http_files(files: Vec<(&'static str, Vec<u8>)>) -> (String, tokio::task
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_files_are_downloaded_into_the_project_before_anything_runs() {
-    let (c, _d) = cluster_with(1, 2, |o| o.slave.remote_file_max_bytes = 1 << 20).await;
+    let c = Local::new(1, 2)
+        .tune(|o| o.slave.remote_file_max_bytes = 1 << 20)
+        .start()
+        .await;
     let (base, server) = http_files(vec![
         ("/input.txt", b"remote content\n".to_vec()),
         ("/big", vec![b'x'; 2 << 20]),
@@ -914,7 +882,7 @@ async fn remote_files_are_downloaded_into_the_project_before_anything_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_atom_over_its_timeout_is_killed_and_recorded() {
-    let (c, _d) = cluster(1, 2).await;
+    let c = Local::new(1, 2).start().await;
     let marker = tempfile::tempdir().unwrap();
     let m = marker.path().display().to_string();
     let project = project_with(&format!(
@@ -978,7 +946,7 @@ async fn an_atom_over_its_timeout_is_killed_and_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_build_over_its_timeout_errors_and_stops_its_atoms() {
-    let (c, _d) = cluster(1, 2).await;
+    let c = Local::new(1, 2).start().await;
     let marker = tempfile::tempdir().unwrap();
     let m = marker.path().display().to_string();
     let project = project_with(&format!(
@@ -1013,7 +981,7 @@ async fn a_build_over_its_timeout_errors_and_stops_its_atoms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_rerun_failing_atoms_and_report_flaky_ones() {
-    let (c, _d) = cluster(1, 2).await;
+    let c = Local::new(1, 2).start().await;
     let marker = tempfile::tempdir().unwrap();
     let m = marker.path().display().to_string();
     // Atoms 1-3 fail on their first try only; atom 4 always fails.
@@ -1069,7 +1037,10 @@ async fn retries_rerun_failing_atoms_and_report_flaky_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_console_over_its_cap_keeps_the_tail_and_says_so() {
-    let (c, _d) = cluster_with(1, 1, |o| o.slave.max_console_bytes_per_atom = 10_000).await;
+    let c = Local::new(1, 1)
+        .tune(|o| o.slave.max_console_bytes_per_atom = 10_000)
+        .start()
+        .await;
     // 2000 numbered lines of 12 bytes: 24000 bytes, more than twice the cap.
     let project = project_with(
         "C:\n  commands: ['for i in $(seq 1000 2999); do echo \"line $i..\"; done']\n  atomizers: [{V: 'echo 1'}]\n",
@@ -1109,11 +1080,13 @@ async fn a_console_over_its_cap_keeps_the_tail_and_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_build_limits_on_atoms_and_artifact_bytes() {
-    let (c, _d) = cluster_with(1, 1, |o| {
-        o.master.max_atoms_per_build = 5;
-        o.master.max_artifact_bytes_per_build = 100_000;
-    })
-    .await;
+    let c = Local::new(1, 1)
+        .tune(|o| {
+            o.master.max_atoms_per_build = 5;
+            o.master.max_artifact_bytes_per_build = 100_000;
+        })
+        .start()
+        .await;
     let (mut b, _) = c.clients().await.unwrap();
     // Too many atoms from the atomizer: ERROR with the reason.
     let project = project_with("A:\n  commands: ['true']\n  atomizers: [{V: 'seq 6'}]\n");
@@ -1188,9 +1161,11 @@ async fn a_full_disk_on_the_master_fails_the_build_and_keeps_what_was_stored() {
         }
     }
     let _unmount = Unmount(master_dir.clone());
-    let mut opts = LocalOptions::new(dir.path().to_path_buf(), 1, 2);
-    opts.master.heartbeat_interval_ms = 200;
-    let c = LocalCluster::start(opts).await.unwrap();
+    let c = Local::with_defaults(1, 2)
+        .data_dir(dir.path().to_path_buf())
+        .tune(|o| o.master.heartbeat_interval_ms = 200)
+        .start()
+        .await;
     let (mut b, mut cl) = c.clients().await.unwrap();
     let project = project_with(
         "S:\n  commands: ['echo small $V > $ARTIFACT_DIR/s']\n  atomizers: [{V: 'seq 3'}]\n",
@@ -1262,9 +1237,10 @@ async fn a_full_disk_on_a_slave_fails_the_build_and_the_slave_stays() {
         }
     }
     let _unmount = Unmount(slave_dir);
-    let c = LocalCluster::start(LocalOptions::new(dir.path().to_path_buf(), 1, 1))
-        .await
-        .unwrap();
+    let c = Local::with_defaults(1, 1)
+        .data_dir(dir.path().to_path_buf())
+        .start()
+        .await;
     let (mut b, mut cl) = c.clients().await.unwrap();
     // A repository with 3 MB of content does not fit in the slave's 2 MB.
     let repo = Repo::new();

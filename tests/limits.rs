@@ -152,75 +152,6 @@ fn open_fds(pid: nix::unistd::Pid) -> usize {
         .unwrap_or(0)
 }
 
-/// A master whose file limit is `nofile` (set by the shell it is exec'd from), with `slaves`
-/// slaves of `executors` each.
-async fn cluster_with_file_limit(
-    nofile: u32,
-    master_toml: &str,
-    slaves: usize,
-    executors: u32,
-) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = ish_core::auth::generate_secret();
-    let master_dir = dir.path().join("master");
-    let conf = dir.path().join("master.toml");
-    std::fs::write(&conf, master_toml).unwrap();
-    let log = dir.path().join("master.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = std::process::Command::new("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
-            ISH,
-            "master",
-            "--config",
-            conf.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            master_dir.to_str().unwrap(),
-        ])
-        .env("ISH_SECRET", &secret)
-        .env("ISH_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let master = Proc {
-        name: "master".into(),
-        child: Some(child),
-        log,
-    };
-    let addr_file = master_dir.join("master.addr");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !addr_file.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "master did not start:\n{}",
-            master.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let url = format!(
-        "http://{}",
-        std::fs::read_to_string(&addr_file).unwrap().trim()
-    );
-    let mut c = Cluster {
-        dir,
-        secret,
-        url,
-        master,
-        slaves: Vec::new(),
-        restarts: 0,
-    };
-    for i in 0..slaves {
-        c.start_slave(i, executors);
-    }
-    c.wait_slaves(slaves).await;
-    c
-}
-
 /// Three times more connections than the master has file descriptors, none of which ever
 /// sends a byte, while a build runs: the master holds a bounded number of them, the build
 /// finishes whole, a connected client is answered throughout, a new client gets in during the
@@ -229,7 +160,7 @@ async fn cluster_with_file_limit(
 async fn a_connection_flood_neither_exhausts_nor_wedges_the_master() {
     const NOFILE: u32 = 1024;
     const FLOOD: usize = 3 * NOFILE as usize;
-    let c = cluster_with_file_limit(NOFILE, "", 1, 2).await;
+    let c = Cluster::start_with_file_limit(NOFILE, "", 1, 2).await;
     let pid = c.master.pid();
     let addr = c.url.trim_start_matches("http://").to_string();
     let project = project_with(
@@ -325,7 +256,7 @@ async fn a_connection_flood_neither_exhausts_nor_wedges_the_master() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_errors_fail_the_build_cleanly_and_its_final_state_stays() {
     const NOFILE: u32 = 256;
-    let mut c = cluster_with_file_limit(
+    let mut c = Cluster::start_with_file_limit(
         NOFILE,
         "max_connections = 4000\nhandshake_timeout_ms = 120000\n",
         1,

@@ -1,251 +1,25 @@
-//! REST gateway tests over real HTTP (reqwest) against an in-process cluster (`LocalCluster` with
-//! its gateway): every ClusterRunner master route, the console vectors of spec §11.3, digests
+//! REST gateway tests over real HTTP (reqwest) against an in-process cluster with its gateway
+//! (`support::cluster::Local`): every ClusterRunner master route, the console vectors of spec §11.3, digests
 //! made by an independent implementation (Python's `hmac`), slave shutdown mid-build, and the
 //! curl script of `docs/`.
 mod support;
 
-use ish_cli::local::{LocalCluster, LocalOptions};
 use ish_core::proto;
-use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use support::cluster::{Local, TestCluster};
+use support::http::{call, form_encode};
+use support::jobs::{dir_build, wait_for_gate};
+use support::resp::*;
 use support::*;
 
-const DIGEST: &str = "Clusterrunner-Message-Authentication-Digest";
-const V1: &str = "application/vnd.clusterrunner.v1+json";
-const V2: &str = "application/vnd.clusterrunner.v2+json";
-
-/// A cluster with its gateway and an HTTP client that does not follow redirects.
-struct Gw {
-    c: LocalCluster,
-    http: reqwest::Client,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-fn http_client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-async fn start(slaves: u32, executors: u32) -> Gw {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = LocalOptions::new(dir.path().to_path_buf(), slaves, executors);
-    opts.gateway_listen = Some("127.0.0.1:0".into());
-    opts.master.heartbeat_interval_ms = 200;
-    opts.master.heartbeat_timeout_ms = 3_000;
-    opts.slave.kill_grace_ms = 1_000;
-    let c = LocalCluster::start(opts).await.unwrap();
-    let (_, mut cl) = c.clients().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cl
-        .list_slaves(proto::ListSlavesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .slaves
-        .len()
-        < slaves as usize
-    {
-        assert!(Instant::now() < deadline, "slaves did not register");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let base = format!("http://{}", c.gateway_addr.unwrap());
-    Gw {
-        c,
-        http: http_client(),
-        base,
-        _dir: dir,
-    }
-}
-
-/// What an HTTP call returned.
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "not JSON ({e}), status {}: {:?}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
-            .to_str()
-            .unwrap()
-    }
-}
-
-async fn call(
-    http: &reqwest::Client,
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<Vec<u8>>,
-) -> Resp {
-    let mut rb = http.request(method, url);
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    if let Some(b) = body {
-        rb = rb.body(b);
-    }
-    let r = rb.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-    Resp {
-        status: r.status(),
-        headers: r.headers().clone(),
-        body: r.bytes().await.unwrap().to_vec(),
-    }
-}
-
-impl Gw {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn req(
-        &self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<&str>,
-    ) -> Resp {
-        call(
-            &self.http,
-            method,
-            &self.url(path),
-            headers,
-            body.map(|b| b.as_bytes().to_vec()),
-        )
-        .await
-    }
-
-    async fn get(&self, path: &str) -> Resp {
-        self.req(Method::GET, path, &[], None).await
-    }
-
-    /// A request with the digest of `body` under the cluster secret.
-    async fn signed(&self, method: Method, path: &str, body: &str) -> Resp {
-        let d = ish_core::auth::digest(&self.c.secret, body.as_bytes());
-        self.req(method, path, &[(DIGEST, &d)], Some(body)).await
-    }
-
-    async fn submit(&self, body: &Value) -> u64 {
-        let r = self
-            .signed(Method::POST, "/v1/build", &body.to_string())
-            .await;
-        assert_eq!(
-            r.status,
-            StatusCode::ACCEPTED,
-            "{}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let v = r.json();
-        assert_eq!(
-            (&v["status"], &v["STATUS"]),
-            (&json!("SUCCESS"), &json!("SUCCESS"))
-        );
-        v["build_id"].as_u64().unwrap()
-    }
-
-    async fn build(&self, id: u64) -> Value {
-        let r = self.get(&format!("/v1/build/{id}")).await;
-        assert_eq!(r.status, StatusCode::OK);
-        r.json()["build"].clone()
-    }
-
-    async fn wait(&self, id: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let b = self.build(id).await;
-            if pred(&b) {
-                return b;
-            }
-            assert!(Instant::now() < deadline, "build {id}: {what}: {b:#}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn wait_final(&self, id: u64) -> Value {
-        self.wait(id, "not final", |b| {
-            matches!(
-                b["status"].as_str(),
-                Some("FINISHED" | "ERROR" | "CANCELED")
-            )
-        })
-        .await
-    }
-
-    async fn count_builds(&self) -> usize {
-        self.get("/v1/build").await.json()["builds"]
-            .as_array()
-            .unwrap()
-            .len()
-    }
-
-    /// Polls `path` until `pred` holds on its JSON.
-    async fn poll(&self, path: &str, what: &str, pred: impl Fn(&Resp) -> bool) -> Resp {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let r = self.get(path).await;
-            if pred(&r) {
-                return r;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{path}: {what}: {} {}",
-                r.status,
-                String::from_utf8_lossy(&r.body)
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-/// application/x-www-form-urlencoded encoding of one value.
-fn form_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            b' ' => "+".to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A directory build whose job is `config` (inline, so the directory needs no yaml).
-fn dir_build(dir: &Path, config: Value) -> Value {
-    json!({"type": "directory", "project_directory": dir.display().to_string(), "config": config})
-}
-
-/// A shell loop that waits (at most 60 s) for `gate` to exist: keeps atoms running on demand.
-fn wait_for(gate: &Path) -> String {
-    format!(
-        "for i in $(seq 1 1200); do [ -f '{}' ] && break; sleep 0.05; done",
-        gate.display()
-    )
-}
+/// How long one HTTP call of a test's own client may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The (subjob, atom) ids of the atom whose command string is `export <var>="<value>";`.
-async fn find_atom(gw: &Gw, id: u64, var: &str, value: &str) -> (u64, u64) {
+async fn find_atom(gw: &TestCluster, id: u64, var: &str, value: &str) -> (u64, u64) {
     let want = format!("export {var}=\"{value}\";");
     let sjs = gw.get(&format!("/v1/build/{id}/subjob")).await.json();
     for sj in sjs["subjobs"].as_array().unwrap() {
@@ -260,7 +34,7 @@ async fn find_atom(gw: &Gw, id: u64, var: &str, value: &str) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn create_get_list_and_browse_builds() {
-    let gw = start(1, 2).await;
+    let gw = Local::new(1, 2).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     let config =
         json!({"commands": ["echo \"hi $X\""], "atomizers": [{"X": "printf 'a\\nb\\nc\\n'"}]});
@@ -544,7 +318,7 @@ fn python_digest(secret: &str, body: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn digests_from_an_independent_implementation() {
-    let gw = start(1, 1).await;
+    let gw = Local::new(1, 1).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     // Python's json.dumps style, as ClusterRunner's client sends it.
     let body = format!(
@@ -602,7 +376,7 @@ async fn digests_from_an_independent_implementation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn console_paging_vectors() {
-    let gw = start(1, 2).await;
+    let gw = Local::new(1, 2).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     let id = gw
         .submit(&dir_build(
@@ -715,14 +489,14 @@ async fn console_paging_vectors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn live_console_artifacts_and_result_redirect() {
-    let gw = start(1, 1).await;
+    let gw = Local::new(1, 1).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     let gate = project.path().join("go");
     let id = gw
         .submit(&dir_build(
             project.path(),
             json!({
-                "commands": ["echo first", "echo second", wait_for(&gate), "echo third",
+                "commands": ["echo first", "echo second", wait_for_gate(&gate), "echo third",
                              "echo \"artifact $X\" > \"$ARTIFACT_DIR/out.txt\""],
                 "atomizers": [{"X": "echo only"}]
             }),
@@ -865,13 +639,13 @@ async fn live_console_artifacts_and_result_redirect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_validation_and_canceled_builds() {
-    let gw = start(1, 1).await;
+    let gw = Local::new(1, 1).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     let gate = project.path().join("never");
     let id = gw
         .submit(&dir_build(
             project.path(),
-            json!({"commands": [wait_for(&gate)], "atomizers": [{"X": "echo 1"}]}),
+            json!({"commands": [wait_for_gate(&gate)], "atomizers": [{"X": "echo 1"}]}),
         ))
         .await;
     gw.wait(id, "building", |b| b["status"] == "BUILDING").await;
@@ -939,13 +713,13 @@ async fn cancel_validation_and_canceled_builds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slave_shutdown_mid_build_lets_the_build_finish() {
-    let gw = start(2, 1).await;
+    let gw = Local::new(2, 1).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     let gate = project.path().join("go");
     let id = gw
         .submit(&dir_build(
             project.path(),
-            json!({"commands": [wait_for(&gate), "echo done $X"],
+            json!({"commands": [wait_for_gate(&gate), "echo done $X"],
                    "atomizers": [{"X": "seq 1 4"}]}),
         ))
         .await;
@@ -1071,7 +845,7 @@ struct ExtraGateway {
 }
 
 impl ExtraGateway {
-    async fn start(gw: &Gw, cfg: ish_gateway::GatewayConfig) -> Self {
+    async fn start(gw: &TestCluster, cfg: ish_gateway::GatewayConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let cfg = ish_gateway::GatewayConfig {
@@ -1100,7 +874,7 @@ impl ExtraGateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn versions_eventlog_metrics_cors_and_read_auth() {
-    let gw = start(1, 1).await;
+    let gw = Local::new(1, 1).gateway().start().await;
     // Version negotiation vectors (spec §1.2) on both version routes.
     for (path, want) in [("/v1/version", [1, 1, 2, 1]), ("/version", [2, 1, 2, 2])] {
         for (accept, want) in [
@@ -1228,7 +1002,7 @@ async fn versions_eventlog_metrics_cors_and_read_auth() {
         },
     )
     .await;
-    let http = http_client();
+    let http = http::client(HTTP_TIMEOUT);
     let url = |p: &str| format!("{}{p}", extra.base);
     let empty = ish_core::auth::digest(rest_secret, b"");
     let r = call(
@@ -1289,7 +1063,7 @@ async fn versions_eventlog_metrics_cors_and_read_auth() {
         Method::POST,
         &url("/v1/build"),
         &[(DIGEST, &with_cluster_secret)],
-        Some(body.clone().into_bytes()),
+        Some(body.clone().into()),
     )
     .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -1299,7 +1073,7 @@ async fn versions_eventlog_metrics_cors_and_read_auth() {
         Method::POST,
         &url("/v1/build"),
         &[(DIGEST, &with_rest_secret)],
-        Some(body.into_bytes()),
+        Some(body.into()),
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
@@ -1327,7 +1101,7 @@ async fn remote_files_are_downloaded_into_the_project() {
         );
         axum::serve(listener, app).await
     });
-    let gw = start(1, 1).await;
+    let gw = Local::new(1, 1).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     let mut body = dir_build(
         project.path(),
@@ -1430,7 +1204,7 @@ async fn run_script(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_curl_script_submits_polls_and_downloads() {
-    let gw = start(1, 2).await;
+    let gw = Local::new(1, 2).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let body_file = work.path().join("build.json");
@@ -1499,7 +1273,7 @@ async fn the_curl_script_submits_polls_and_downloads() {
 /// `ish build --gateway`: the Ish CD client's REST mode works against this gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_ish_build_client_works_through_the_gateway() {
-    let gw = start(1, 2).await;
+    let gw = Local::new(1, 2).gateway().start().await;
     let project = tempfile::tempdir().unwrap();
     let results = tempfile::tempdir().unwrap();
     let config = json!({"commands": ["echo \"ish $X\" > \"$ARTIFACT_DIR/r.txt\""],
@@ -1685,7 +1459,7 @@ async fn a_slowloris_flood_neither_wedges_nor_exhausts_the_gateway() {
     const CAP: u32 = 64;
     let header = Duration::from_millis(1_000);
     let idle = Duration::from_millis(3_000);
-    let gw = start(1, 2).await;
+    let gw = Local::new(1, 2).gateway().start().await;
     let g1 = ExtraGateway::start(&gw, slow_gateway(4_096)).await;
     let g1_addr: std::net::SocketAddr = g1.base.trim_start_matches("http://").parse().unwrap();
     let project = tempfile::tempdir().unwrap();
@@ -1732,11 +1506,11 @@ async fn a_slowloris_flood_neither_wedges_nor_exhausts_the_gateway() {
     let body = dir_build(project.path(), job.clone()).to_string();
     let d = ish_core::auth::digest(&gw.c.secret, body.as_bytes());
     let r = call(
-        &http_client(),
+        &http::client(HTTP_TIMEOUT),
         Method::POST,
         &format!("{}/v1/build", g1.base),
         &[(DIGEST, &d)],
-        Some(body.into_bytes()),
+        Some(body.into()),
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
@@ -1807,11 +1581,11 @@ async fn a_slowloris_flood_neither_wedges_nor_exhausts_the_gateway() {
     let body = dir_build(project.path(), job.clone()).to_string();
     let d = ish_core::auth::digest(&gw.c.secret, body.as_bytes());
     let r = call(
-        &http_client(),
+        &http::client(HTTP_TIMEOUT),
         Method::POST,
         &format!("{}/v1/build", g2.base),
         &[(DIGEST, &d)],
-        Some(body.into_bytes()),
+        Some(body.into()),
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);

@@ -1,7 +1,13 @@
 //! The ClusterRunner REST API through the whole router (`Router::oneshot`), against an in-memory
 //! fake master: every route's status, body and headers without a master process, a network or
-//! a slave. The same cases end to end, through a real master, are in the workspace's
-//! `tests/rest.rs` and `tests/bad_input.rs`.
+//! a slave. The end-to-end counterparts, through a real master, are the workspace's
+//! `tests/rest.rs` and `tests/rest_refusals.rs`.
+//!
+//! A refusal lives here when the gateway makes it on its own, before any master call: the fake
+//! master records every submit, cancel and drain, so each such test also proves the refused
+//! request reached no master. The answer types and the collected checks are the cross-role
+//! suites' own (`tests/support/resp.rs`, `checks.rs`, `jobs.rs`, included below), so a case
+//! moved here from there is checked by the very same code.
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use ish_core::proto;
@@ -12,10 +18,18 @@ use std::sync::{Arc, Mutex};
 use tonic::Status;
 use tower::ServiceExt;
 
+#[path = "../../tests/support/checks.rs"]
+mod checks;
+#[path = "../../tests/support/jobs.rs"]
+mod jobs;
+#[path = "../../tests/support/resp.rs"]
+mod resp;
+
+use checks::Failures;
+use jobs::simple_config;
+use resp::{DIGEST, DIGEST_MISMATCH, INVALID_JSON, Resp};
+
 const SECRET: &str = "oneshot-test-secret";
-const DIGEST: &str = "Clusterrunner-Message-Authentication-Digest";
-const INVALID_JSON: &str = "Invalid JSON in request body.";
-const DIGEST_MISMATCH: &str = "Message digest does not match header, message not authenticated.";
 
 /// What the fake master holds and what it was asked.
 #[derive(Default)]
@@ -322,23 +336,6 @@ fn app(fake: &Arc<Fake>) -> axum::Router {
     app_with(fake, GatewayConfig::default())
 }
 
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
 async fn call(
     r: &axum::Router,
     method: &str,
@@ -373,13 +370,14 @@ async fn get(r: &axum::Router, path: &str) -> Resp {
 }
 
 /// A write signed with the test secret.
-async fn signed(r: &axum::Router, method: &str, path: &str, body: &str) -> Resp {
-    let d = ish_core::auth::digest(SECRET, body.as_bytes());
-    call(r, method, path, &[(DIGEST, &d)], body.to_string()).await
+async fn signed(r: &axum::Router, method: &str, path: &str, body: impl AsRef<[u8]>) -> Resp {
+    let body = body.as_ref().to_vec();
+    let d = ish_core::auth::digest(SECRET, &body);
+    call(r, method, path, &[(DIGEST, &d)], body).await
 }
 
 fn error_of(r: &Resp) -> String {
-    r.json()["error"].as_str().unwrap_or_default().to_string()
+    r.error()
 }
 
 #[tokio::test]
@@ -909,6 +907,172 @@ async fn bad_build_bodies_are_400_and_reach_no_master() {
         fake.data().submitted.is_empty(),
         "a refused build was submitted"
     );
+}
+
+/// The build bodies the gateway refuses on their shape, before any master call: malformed JSON
+/// (with a digest or without), JSON that is not an object, wrong types, unknown and missing
+/// fields. Moved here from the end-to-end refusal suite (`tests/rest_refusals.rs`) with the same
+/// collected checks; that a refusal reached no master is checked on the fake's record of
+/// submits, not just on a count of stored builds.
+#[tokio::test]
+async fn build_bodies_the_gateway_refuses_reach_no_master() {
+    let fake = Arc::new(Fake::default());
+    let r_ = app(&fake);
+    let mut f = Failures::default();
+    let pdir = "/tmp/ish-oneshot-project";
+
+    // Malformed JSON: 400 {"error": "Invalid JSON in request body."}, digest or not.
+    for body in [
+        &b"{\"type\": "[..],
+        b"{not json",
+        b"[1,2",
+        b"\"unterminated",
+        b"{\"type\": \"git\",}",
+        b"\xff\xfe{}",
+        b"{} trailing",
+    ] {
+        let r = signed(&r_, "POST", "/v1/build", body).await;
+        f.rest(
+            &format!("malformed JSON {:?}", String::from_utf8_lossy(body)),
+            &r,
+            StatusCode::BAD_REQUEST,
+            INVALID_JSON,
+        );
+        let r = call(&r_, "POST", "/v1/build", &[], body.to_vec()).await;
+        f.rest(
+            &format!(
+                "malformed JSON without a digest {:?}",
+                String::from_utf8_lossy(body)
+            ),
+            &r,
+            StatusCode::BAD_REQUEST,
+            INVALID_JSON,
+        );
+    }
+
+    // JSON that is not an object.
+    for body in ["[1,2]", "\"x\"", "42", "null", "true", "[]"] {
+        let r = signed(&r_, "POST", "/v1/build", body).await;
+        f.refused(&format!("non-object body {body}"), &r, "JSON object");
+    }
+
+    // Wrong types, unknown fields, missing fields: refused by the gateway, naming the field.
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("url: 5", json!({"type": "git", "url": 5}), "url"),
+        (
+            "url: object",
+            json!({"type": "git", "url": {"x": 1}}),
+            "url",
+        ),
+        (
+            "branch: list",
+            json!({"type": "git", "url": "/tmp/r", "branch": []}),
+            "branch",
+        ),
+        (
+            "hash: number",
+            json!({"type": "git", "url": "/tmp/r", "hash": 1234567}),
+            "hash",
+        ),
+        (
+            "project_directory: bool",
+            json!({"type": "directory", "project_directory": true}),
+            "project_directory",
+        ),
+        (
+            "job_name: number",
+            json!({"type": "directory", "project_directory": pdir, "job_name": 7}),
+            "job_name",
+        ),
+        (
+            "atoms_override: string",
+            json!({"type": "directory", "project_directory": pdir, "atoms_override": "x"}),
+            "atoms_override",
+        ),
+        (
+            "atoms_override: numbers",
+            json!({"type": "directory", "project_directory": pdir, "atoms_override": [1, 2]}),
+            "atoms_override",
+        ),
+        (
+            "config: string",
+            json!({"type": "directory", "project_directory": pdir, "config": "not an object"}),
+            "config",
+        ),
+        (
+            "config: list",
+            json!({"type": "directory", "project_directory": pdir, "config": [simple_config()]}),
+            "config",
+        ),
+        (
+            "remote_files: list",
+            json!({"type": "directory", "project_directory": pdir, "remote_files": ["a"]}),
+            "remote_files",
+        ),
+        (
+            "remote_files: URL not a string",
+            json!({"type": "directory", "project_directory": pdir, "remote_files": {"a": 5}}),
+            "remote_files",
+        ),
+        (
+            "type: number",
+            json!({"type": 5, "url": "/tmp/r"}),
+            "Invalid build request type.",
+        ),
+        (
+            "type: svn",
+            json!({"type": "svn", "url": "/tmp/r"}),
+            "Invalid build request type.",
+        ),
+        (
+            "unknown field colour",
+            json!({"type": "directory", "project_directory": pdir, "colour": "red"}),
+            "['colour']",
+        ),
+        (
+            "unknown field priority (git)",
+            json!({"type": "git", "url": "/tmp/r", "priority": 1}),
+            "['priority']",
+        ),
+        (
+            "a git-only field on a directory build",
+            json!({"type": "directory", "project_directory": pdir, "url": "/tmp/r"}),
+            "['url']",
+        ),
+        (
+            "missing type",
+            json!({"project_directory": pdir}),
+            "Invalid build request type.",
+        ),
+        ("empty object", json!({}), "Invalid build request type."),
+        (
+            "missing url",
+            json!({"type": "git", "branch": "master"}),
+            "Missing required parameter. Required parameters: ['url']",
+        ),
+        (
+            "blank url",
+            json!({"type": "git", "url": "  "}),
+            "Missing required parameter. Required parameters: ['url']",
+        ),
+        (
+            "missing project_directory",
+            json!({"type": "directory", "config": simple_config()}),
+            "Missing required parameter. Required parameters: ['project_directory']",
+        ),
+    ];
+    for (what, body, needle) in &cases {
+        let r = signed(&r_, "POST", "/v1/build", body.to_string()).await;
+        f.refused(what, &r, needle);
+    }
+    let r = signed(&r_, "POST", "/v1/build", "").await;
+    f.refused("empty body", &r, "Invalid build request type.");
+
+    let submitted = fake.data().submitted.len();
+    f.check(submitted == 0, || {
+        format!("{submitted} refused build request(s) reached the master")
+    });
+    f.finish();
 }
 
 #[tokio::test]

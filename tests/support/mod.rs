@@ -1,8 +1,25 @@
 //! Shared helpers of the cross-role tests: real git repositories made with git2 in temp dirs,
 //! request builders, waiting on builds, reading archives.
+//!
+//! - `cluster.rs`: the in-process cluster every in-process suite starts ([`cluster::Local`]).
+//! - `procs.rs`: real `ish` processes (master, slaves, gateway) for the multi-process suites.
+//! - `jobs.rs`: job configs and build bodies, valid and hostile.
+//! - `http.rs`: the HTTP client and raw-socket requests to a gateway.
+//! - `resp.rs`, `checks.rs`: an HTTP answer and the collected refusal checks; shared with the
+//!   gateway's oneshot tests, which include them with `#[path]`.
 #![allow(dead_code)]
 
+pub mod checks;
+pub mod cluster;
+pub mod http;
+pub mod jobs;
 pub mod procs;
+pub mod resp;
+
+/// The HTTP types `resp.rs` and `checks.rs` name as `super::…` (the gateway's tests give them
+/// axum's re-export of the same `http` crate).
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
 
 use ish_cli::local::BuildsClient;
 use ish_core::proto::{self, project_source::Kind};
@@ -108,6 +125,43 @@ pub async fn submit(c: &mut BuildsClient, req: proto::BuildRequest) -> u64 {
         .expect("submit")
         .into_inner()
         .build_id
+}
+
+/// Submit that returns the status instead of panicking (and gives up after 20 s).
+pub async fn submit_raw(
+    b: &mut BuildsClient,
+    request: Option<proto::BuildRequest>,
+) -> Result<u64, tonic::Status> {
+    match tokio::time::timeout(
+        cluster::STEP,
+        b.submit(proto::SubmitBuildRequest { request }),
+    )
+    .await
+    {
+        Ok(r) => r.map(|r| r.into_inner().build_id),
+        Err(_) => Err(tonic::Status::deadline_exceeded(
+            "no answer to Submit in 20 s",
+        )),
+    }
+}
+
+/// Reads a server stream to its end: the number of messages, or the status it failed with
+/// (at the call or within the stream; silence for 20 s is DEADLINE_EXCEEDED).
+pub async fn drain<T>(
+    r: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
+) -> Result<usize, tonic::Status> {
+    let mut s = r?.into_inner();
+    let mut n = 0;
+    loop {
+        match tokio::time::timeout(cluster::STEP, s.message()).await {
+            Ok(Ok(Some(_))) => n += 1,
+            Ok(Ok(None)) => return Ok(n),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(tonic::Status::deadline_exceeded("stream silent for 20 s"));
+            }
+        }
+    }
 }
 
 pub async fn get(c: &mut BuildsClient, id: u64) -> proto::Build {

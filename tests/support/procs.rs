@@ -37,6 +37,38 @@ impl Proc {
         }
     }
 
+    /// Like [`Proc::spawn`], under an open-file limit of `nofile` (`ulimit -n` in the shell the
+    /// binary is exec'd from).
+    pub fn spawn_with_file_limit(
+        name: &str,
+        nofile: u32,
+        args: &[&str],
+        secret: &str,
+        logs: &Path,
+    ) -> Self {
+        let log = logs.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+                ISH,
+            ])
+            .args(args)
+            .env("ISH_SECRET", secret)
+            .env("ISH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
+    }
+
     /// Like [`Proc::spawn`], with `cwd` as the process's working directory.
     pub fn spawn_in(name: &str, args: &[&str], secret: &str, logs: &Path, cwd: &Path) -> Self {
         let log = logs.join(format!("{name}.log"));
@@ -132,25 +164,44 @@ impl Cluster {
 
     /// A cluster whose master reads `master_toml` as its settings file.
     pub async fn start_with(slaves: usize, executors: u32, master_toml: &str) -> Self {
+        Self::start_limited(slaves, executors, master_toml, None).await
+    }
+
+    /// A cluster whose master may open at most `nofile` files (`ulimit -n`, set by the shell
+    /// it is exec'd from) and reads `master_toml`. A restarted master has no such limit.
+    pub async fn start_with_file_limit(
+        nofile: u32,
+        master_toml: &str,
+        slaves: usize,
+        executors: u32,
+    ) -> Self {
+        Self::start_limited(slaves, executors, master_toml, Some(nofile)).await
+    }
+
+    async fn start_limited(
+        slaves: usize,
+        executors: u32,
+        master_toml: &str,
+        nofile: Option<u32>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secret = ish_core::auth::generate_secret();
         let master_dir = dir.path().join("master");
         let conf = dir.path().join("master.toml");
         std::fs::write(&conf, master_toml).unwrap();
-        let master = Proc::spawn(
+        let args = [
             "master",
-            &[
-                "master",
-                "--config",
-                conf.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                master_dir.to_str().unwrap(),
-            ],
-            &secret,
-            dir.path(),
-        );
+            "--config",
+            conf.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            master_dir.to_str().unwrap(),
+        ];
+        let master = match nofile {
+            None => Proc::spawn("master", &args, &secret, dir.path()),
+            Some(n) => Proc::spawn_with_file_limit("master", n, &args, &secret, dir.path()),
+        };
         let addr_file = master_dir.join("master.addr");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !addr_file.exists() {
