@@ -213,3 +213,244 @@ pub(super) fn project_key(req: &proto::BuildRequest) -> String {
         None => String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::MasterError;
+    use proto::project_source::Kind;
+
+    fn git(url: &str) -> proto::BuildRequest {
+        proto::BuildRequest {
+            source: Some(proto::ProjectSource {
+                kind: Some(Kind::Git(proto::GitSource {
+                    url: url.into(),
+                    branch: "main".into(),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn dir(path: &str) -> proto::BuildRequest {
+        proto::BuildRequest {
+            source: Some(proto::ProjectSource {
+                kind: Some(Kind::Directory(proto::DirectorySource {
+                    path: path.into(),
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn with_git(f: impl FnOnce(&mut proto::GitSource)) -> proto::BuildRequest {
+        let mut r = git("https://example.com/r.git");
+        if let Some(Kind::Git(g)) = r.source.as_mut().and_then(|s| s.kind.as_mut()) {
+            f(g);
+        }
+        r
+    }
+
+    fn with(f: impl FnOnce(&mut proto::BuildRequest)) -> proto::BuildRequest {
+        let mut r = dir("/srv/p");
+        f(&mut r);
+        r
+    }
+
+    /// Every refusal of the master's validation, each with the message that names the field
+    /// (the REST and gRPC suites check the same through the real services).
+    #[test]
+    fn every_refusal_names_what_is_wrong() {
+        let env = |pairs: &[(&str, String)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        };
+        let cases: Vec<(&str, proto::BuildRequest, &str)> = vec![
+            (
+                "no source",
+                proto::BuildRequest::default(),
+                "give a git or directory source",
+            ),
+            ("empty url", git("  "), "Required parameters: ['url']"),
+            (
+                "url as option",
+                git("--upload-pack=x"),
+                "cannot start with '-'",
+            ),
+            (
+                "short hash",
+                with_git(|g| g.hash = "abc".into()),
+                "7 to 40 hexadecimal",
+            ),
+            (
+                "long hash",
+                with_git(|g| g.hash = "a".repeat(41)),
+                "7 to 40 hexadecimal",
+            ),
+            (
+                "hash not hex",
+                with_git(|g| g.hash = "zzzzzzzz".into()),
+                "7 to 40 hexadecimal",
+            ),
+            (
+                "branch as option",
+                with_git(|g| g.branch = "-x".into()),
+                "Invalid branch or remote",
+            ),
+            (
+                "remote as option",
+                with_git(|g| g.remote = "-x".into()),
+                "Invalid branch or remote",
+            ),
+            (
+                "remote with slash",
+                with_git(|g| g.remote = "a/b".into()),
+                "Invalid branch or remote",
+            ),
+            ("empty directory", dir(""), "['project_directory']"),
+            (
+                "relative directory",
+                dir("srv/p"),
+                "must be an absolute path",
+            ),
+            (
+                "NUL in url",
+                with_git(|g| g.url.push('\0')),
+                "NUL character",
+            ),
+            (
+                "NUL in branch",
+                with_git(|g| g.branch.push('\0')),
+                "NUL character",
+            ),
+            ("NUL in path", dir("/srv/\0p"), "NUL character"),
+            (
+                "NUL in job",
+                with(|r| r.job_name = "a\0".into()),
+                "NUL character",
+            ),
+            (
+                "absolute project_directory",
+                with(|r| r.project_directory = "/etc".into()),
+                "relative path inside the repository",
+            ),
+            (
+                "escaping project_directory",
+                with(|r| r.project_directory = "a/../..".into()),
+                "relative path inside the repository",
+            ),
+            (
+                "inline config not JSON",
+                with(|r| r.config_json = "{".into()),
+                "could not be parsed as JSON",
+            ),
+            (
+                "empty atom",
+                with(|r| r.atoms_override = vec!["  ".into()]),
+                "atoms_override entries must not be empty",
+            ),
+            (
+                "too many atoms",
+                with(|r| r.atoms_override = vec!["a".into(); 11]),
+                "the limit is 10 (max_atoms_per_build)",
+            ),
+            (
+                "remote file outside",
+                with(|r| {
+                    r.remote_files.insert("../x".into(), "https://h/x".into());
+                }),
+                "must be a relative path inside the project",
+            ),
+            (
+                "remote file scheme",
+                with(|r| {
+                    r.remote_files
+                        .insert("x".into(), "file:///etc/passwd".into());
+                }),
+                "must be http:// or https://",
+            ),
+            (
+                "too many remote files",
+                with(|r| {
+                    for i in 0..=MAX_REMOTE_FILES {
+                        r.remote_files.insert(format!("f{i}"), "https://h/x".into());
+                    }
+                }),
+                "at most 100 remote_files",
+            ),
+            (
+                "too many env names",
+                with(|r| {
+                    r.env = (0..=MAX_ENV_VARS)
+                        .map(|i| (format!("V{i}"), String::new()))
+                        .collect();
+                }),
+                "the limit is 256",
+            ),
+            (
+                "env value too long",
+                with(|r| r.env = env(&[("BIG", "x".repeat(MAX_ENV_VALUE + 1))])),
+                "env value of \"BIG\" is longer than",
+            ),
+            (
+                "env too large in all",
+                with(|r| {
+                    r.env = (0..10)
+                        .map(|i| (format!("V{i}"), "x".repeat(MAX_ENV_VALUE)))
+                        .collect();
+                }),
+                "bytes in all; the limit is",
+            ),
+            (
+                "env name with dash",
+                with(|r| r.env = env(&[("A-B", String::new())])),
+                "env name \"A-B\" is not a valid variable name",
+            ),
+            (
+                "env name with digit first",
+                with(|r| r.env = env(&[("1A", String::new())])),
+                "is not a valid variable name",
+            ),
+            (
+                "empty env name",
+                with(|r| r.env = env(&[("", String::new())])),
+                "is not a valid variable name",
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (what, req, message) in &cases {
+            match validate_request(req, 10) {
+                Err(MasterError::InvalidArgument(m)) if m.contains(message) => {}
+                other => wrong.push(format!("{what}: {other:?}")),
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// Requests at every limit pass, and an inline config comes back parsed.
+    #[test]
+    fn requests_at_the_limits_pass_and_an_inline_config_is_parsed() {
+        let mut r = dir("/srv/p");
+        r.project_directory = "sub/dir".into();
+        r.atoms_override = vec!["export A=1;".into(); 10];
+        r.env = (0..MAX_ENV_VARS)
+            .map(|i| (format!("_V{i}"), "v".into()))
+            .collect();
+        for i in 0..MAX_REMOTE_FILES {
+            r.remote_files
+                .insert(format!("d/f{i}"), "http://h/x".into());
+        }
+        assert_eq!(validate_request(&r, 10).unwrap(), None);
+        r.config_json = r#"{"commands": ["echo $A"], "atomizers": [{"A": "seq 1 2"}]}"#.into();
+        r.job_name = "Job".into();
+        let job = validate_request(&r, 10).unwrap().expect("parsed");
+        assert_eq!(job.name, "Job");
+        assert!(job.commands.contains("echo $A"), "{job:?}");
+        let mut g = with_git(|g| g.hash = "0123abcdef".into());
+        g.env.insert("_".into(), String::new());
+        assert!(validate_request(&g, 10).is_ok());
+    }
+}
