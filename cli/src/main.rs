@@ -56,9 +56,9 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
-    /// The dispatch engine's benchmarks (B1–B5, see docs/benchmarks.md), or some of them.
+    /// The dispatch engine's benchmarks (B1–B6, see docs/benchmarks.md), or some of them.
     Suite {
-        /// Which to run (b1..b5); all when none is given.
+        /// Which to run (b1..b6); all when none is given.
         only: Vec<String>,
         /// Small numbers: a smoke test of correctness, not of speed.
         #[arg(long)]
@@ -440,6 +440,9 @@ async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
             }
             if want("b5") {
                 rows.extend(b::b5(scale).await?);
+            }
+            if want("b6") {
+                rows.extend(b::b6(scale).await?);
             }
             b::print_rows(&rows);
             Ok(0)

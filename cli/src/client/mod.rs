@@ -4,7 +4,7 @@
 //! carries it is a [`BuildApi`](api::BuildApi): gRPC to a master (`grpc.rs`, the default, with
 //! an embedded cluster when no master answers) or a gateway's ClusterRunner REST API
 //! (`rest.rs`, `--gateway`).
-mod api;
+pub(crate) mod api;
 mod flow;
 mod grpc;
 pub mod rest;

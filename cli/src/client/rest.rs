@@ -111,6 +111,8 @@ pub(crate) struct RestApi {
     rest: Rest,
     /// A poll was made: the next one waits the polling interval first.
     polled: bool,
+    /// Between two polls of a build (ClusterRunner's own CLI waits 500 ms).
+    poll_every: Duration,
 }
 
 impl RestApi {
@@ -126,7 +128,14 @@ impl RestApi {
                 secret: secret.to_string(),
             },
             polled: false,
+            poll_every: Duration::from_millis(500),
         })
+    }
+
+    /// Polls this often instead (a benchmark polls like an eager client).
+    pub fn poll_every(mut self, every: Duration) -> Self {
+        self.poll_every = every;
+        self
     }
 }
 
@@ -181,7 +190,7 @@ impl BuildApi for RestApi {
     async fn next_state(&mut self, id: u64) -> anyhow::Result<BuildView> {
         // ClusterRunner has no watch: poll, as its own CLI does.
         if self.polled {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(self.poll_every).await;
         }
         self.polled = true;
         let (status, v) = self
