@@ -21,15 +21,34 @@ pub type LinkClient =
 /// Bytes per upload message.
 const UPLOAD_CHUNK: usize = 256 * 1024;
 
+/// One file of an upload: its name in the results and where its bytes are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadFile {
+    /// Relative name in the atom's results.
+    pub name: String,
+    /// Its bytes.
+    pub source: UploadSource,
+}
+
+/// Where an uploaded file's bytes are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UploadSource {
+    /// A file on the slave's disk (an artifact, a large console).
+    Path(PathBuf),
+    /// In memory: a small console, the manifest. No file is made for them (every file made and
+    /// deleted per atom costs an inode allocation, a millisecond on a busy ext4).
+    Bytes(Vec<u8>),
+}
+
 /// The master, as the worker's uploads see it (one per session).
 pub trait MasterLink: Send + Sync + std::fmt::Debug {
-    /// Uploads `files` (name in the results, local path) for the attempt in `header`; resolves
-    /// to the number of files sent, or the master's status (the worker decides from its code
-    /// whether to retry, give up on the attempt or record the atom as failed).
+    /// Uploads `files` for the attempt in `header`; resolves to the number of files sent, or
+    /// the master's status (the worker decides from its code whether to retry, give up on the
+    /// attempt or record the atom as failed).
     fn upload_artifacts(
         &self,
         header: proto::UploadHeader,
-        files: Vec<(String, PathBuf)>,
+        files: Vec<UploadFile>,
     ) -> BoxFuture<Result<u32, tonic::Status>>;
 }
 
@@ -41,17 +60,17 @@ impl MasterLink for GrpcLink {
     fn upload_artifacts(
         &self,
         header: proto::UploadHeader,
-        files: Vec<(String, PathBuf)>,
+        files: Vec<UploadFile>,
     ) -> BoxFuture<Result<u32, tonic::Status>> {
         Box::pin(upload(self.0.clone(), header, files))
     }
 }
 
-/// One upload of `files` (relative name, local path) for the attempt in `header`.
+/// One upload of `files` for the attempt in `header`.
 async fn upload(
     mut link: LinkClient,
     header: proto::UploadHeader,
-    files: Vec<(String, PathBuf)>,
+    files: Vec<UploadFile>,
 ) -> Result<u32, tonic::Status> {
     use proto::artifact_chunk::Msg;
     let n = files.len() as u32;
@@ -62,7 +81,22 @@ async fn upload(
         if tx.send(send(Msg::Header(header))).await.is_err() {
             return Ok(());
         }
-        for (rel, path) in files {
+        for UploadFile { name: rel, source } in files {
+            let path = match source {
+                UploadSource::Bytes(data) => {
+                    // One message: small by construction.
+                    let whole = proto::FileChunk {
+                        path: rel,
+                        data,
+                        last: true,
+                    };
+                    if tx.send(send(Msg::File(whole))).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                UploadSource::Path(path) => path,
+            };
             let mut f = tokio::fs::File::open(&path)
                 .await
                 .map_err(|e| format!("{}: {e}", path.display()))?;

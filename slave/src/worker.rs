@@ -9,9 +9,9 @@
 //!
 //! Every message of one atom is sent by one task, so the master sees AtomStarted → console →
 //! AtomResult in order, and an AtomResult is only sent after the atom's upload has completed.
-use crate::artifacts::{DirPool, append_console, artifact_files, dir_is_empty};
+use crate::artifacts::{DirPool, artifact_files, dir_is_empty};
 use crate::config::SlaveConfig;
-use crate::console::ConsoleTail;
+use crate::console::{Console, ConsoleTail};
 use crate::error::{AtomizerError, HookError, PrepareError, ProjectError, SetupError};
 use crate::link::MasterLink;
 use crate::project::{self, Workspace, Workspaces};
@@ -624,13 +624,11 @@ impl Worker {
     ) -> Option<proto::AtomResult> {
         let name = format!("artifact_{}_{}", r.subjob_id, atom.atom_id);
         let art_dir = self.art_dirs.take().await;
+        // Used only by a console too large for memory (the directory is made then).
         let console_path = ws
             .build_dir
             .join("consoles")
             .join(format!("{}_{name}", r.attempt));
-        if let Some(parent) = console_path.parent() {
-            let _ = tokio::fs::create_dir_all(parent).await;
-        }
         let epoch0 = self.epoch();
         self.send(Up::AtomStarted(proto::AtomStarted {
             build_id: r.build_id,
@@ -668,8 +666,9 @@ impl Worker {
             })
         };
         let (otx, mut orx) = mpsc::channel::<Vec<u8>>(64);
-        // Output goes to a local file (the whole console, for an upload after an interruption)
-        // and, while the atom's session lasts, to the master as it is written.
+        // Output is kept (the whole console, for an upload after an interruption: in memory while
+        // small, in a local file past that) and, while the atom's session lasts, goes to the
+        // master as it is written.
         let cap = self.shared.cfg.max_console_bytes_per_atom;
         let forward = async {
             let mut tail = ConsoleTail::new(&console_path, cap);
@@ -688,7 +687,7 @@ impl Worker {
                     self.send(chunk_of(data)).await;
                 }
             }
-            tail.finish().await;
+            tail.finish().await
         };
         let timeout = (job.atom_timeout_seconds > 0)
             .then(|| Duration::from_secs(job.atom_timeout_seconds.into()));
@@ -750,7 +749,7 @@ impl Worker {
                 }
             }
         };
-        let ((outcome, tries, timed_out), ()) = tokio::join!(runs, forward);
+        let ((outcome, tries, timed_out), mut console) = tokio::join!(runs, forward);
         let listing = {
             let dir = art_dir.clone();
             tokio::task::spawn_blocking(move || artifact_files(&dir))
@@ -759,15 +758,11 @@ impl Worker {
         };
         if !listing.notes.is_empty() {
             let notes = listing.notes.concat();
-            append_console(&console_path, notes.as_bytes()).await;
+            console.append(notes.as_bytes()).await;
             self.send(chunk_of(notes.into_bytes())).await;
         }
         // The streamed console is for watching; the console of record goes with the artifacts,
         // so a session lost while chunks were in flight loses nothing.
-        let has_output = tokio::fs::metadata(&console_path)
-            .await
-            .is_ok_and(|m| m.len() > 0);
-        let console = has_output.then_some(console_path.as_path());
         let header = proto::UploadHeader {
             slave_id: 0,
             build_id: r.build_id,
@@ -775,13 +770,13 @@ impl Worker {
             atom_id: atom.atom_id,
             attempt: r.attempt,
         };
-        let manifest_path = console_path.with_extension("manifest");
         let uploaded = self
-            .upload_with_retry(header, listing.files, console, &manifest_path, cancel)
+            .upload_with_retry(header, listing.files, &console, cancel)
             .await;
         self.art_dirs.give(art_dir).await;
-        let _ = tokio::fs::remove_file(&console_path).await;
-        let _ = tokio::fs::remove_file(&manifest_path).await;
+        if let Console::File(path) = &console {
+            let _ = tokio::fs::remove_file(path).await;
+        }
         let (artifact_files, exit_code) = match uploaded? {
             Uploaded::Files(n) => (n, outcome.exit_code),
             // Its results are incomplete: a passing atom must not count as a pass.

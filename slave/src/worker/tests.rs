@@ -3,7 +3,7 @@
 //! instead of a session. Projects are "directory" projects in a temporary directory (no git).
 use super::*;
 use crate::artifacts::{CONSOLE_FILE, UPLOAD_MANIFEST};
-use crate::link::MasterLink;
+use crate::link::{MasterLink, UploadFile, UploadSource};
 use crate::runner::{BoxFuture, Outcome};
 use ish_core::proto::project_source::Kind;
 use std::path::{Path, PathBuf};
@@ -130,12 +130,15 @@ impl MasterLink for FakeLink {
     fn upload_artifacts(
         &self,
         header: proto::UploadHeader,
-        files: Vec<(String, PathBuf)>,
+        files: Vec<UploadFile>,
     ) -> BoxFuture<Result<u32, tonic::Status>> {
         let n = files.len() as u32;
         let files = files
             .into_iter()
-            .map(|(name, path)| (name, std::fs::read(&path).unwrap()))
+            .map(|f| match f.source {
+                UploadSource::Path(path) => (f.name, std::fs::read(&path).unwrap()),
+                UploadSource::Bytes(data) => (f.name, data),
+            })
             .collect();
         self.uploads.lock().unwrap().push((header, files));
         Box::pin(async move { Ok(n) })

@@ -2,8 +2,9 @@
 //! one apart from an attempt the master dropped.
 use super::{Uploaded, Worker};
 use crate::artifacts::{ArtifactFile, CONSOLE_FILE, UPLOAD_MANIFEST};
+use crate::console::Console;
+use crate::link::{UploadFile, UploadSource};
 use ish_core::proto::{self, slave_message::Msg as Up};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -18,35 +19,51 @@ impl Worker {
     pub(super) async fn upload_with_retry(
         &self,
         mut header: proto::UploadHeader,
-        mut files: Vec<ArtifactFile>,
-        console: Option<&Path>,
-        manifest_path: &Path,
+        artifacts: Vec<ArtifactFile>,
+        console: &Console,
         cancel: &CancellationToken,
     ) -> Option<Uploaded> {
-        if let Some(c) = console {
-            let size = tokio::fs::metadata(c).await.map(|m| m.len()).unwrap_or(0);
-            files.push(ArtifactFile {
+        let mut sizes: Vec<(String, u64)> =
+            artifacts.iter().map(|f| (f.name.clone(), f.size)).collect();
+        let mut files: Vec<UploadFile> = artifacts
+            .into_iter()
+            .map(|f| UploadFile {
+                name: f.name,
+                source: UploadSource::Path(f.path),
+            })
+            .collect();
+        let console = match console {
+            Console::Empty => None,
+            Console::Memory(bytes) => {
+                Some((bytes.len() as u64, UploadSource::Bytes(bytes.clone())))
+            }
+            Console::File(path) => {
+                let size = tokio::fs::metadata(path)
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                Some((size, UploadSource::Path(path.clone())))
+            }
+        };
+        if let Some((size, source)) = console {
+            sizes.push((CONSOLE_FILE.to_string(), size));
+            files.push(UploadFile {
                 name: CONSOLE_FILE.to_string(),
-                path: c.to_path_buf(),
-                size,
+                source,
             });
         }
         if files.is_empty() {
             return Some(Uploaded::Files(0));
         }
         let count = files.len() as u32;
-        let manifest: Vec<(&str, u64)> = files.iter().map(|f| (f.name.as_str(), f.size)).collect();
-        let manifest = serde_json::to_vec(&manifest).expect("names and sizes serialize");
-        let mut files: Vec<(String, PathBuf)> =
-            files.into_iter().map(|f| (f.name, f.path)).collect();
-        match tokio::fs::write(manifest_path, manifest).await {
-            Ok(()) => files.insert(
-                0,
-                (UPLOAD_MANIFEST.to_string(), manifest_path.to_path_buf()),
-            ),
-            // Without it the upload still works; only a cut file could not be told apart.
-            Err(e) => tracing::warn!(error = %e, "could not write an upload manifest"),
-        }
+        let manifest = serde_json::to_vec(&sizes).expect("names and sizes serialize");
+        files.insert(
+            0,
+            UploadFile {
+                name: UPLOAD_MANIFEST.to_string(),
+                source: UploadSource::Bytes(manifest),
+            },
+        );
         let mut live_rx = self.live.subscribe();
         loop {
             let live = loop {
