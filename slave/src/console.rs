@@ -74,8 +74,9 @@ impl ConsoleTail {
                 self.total += data.len() as u64;
                 return;
             }
-            // Too large for memory: what was kept goes to disk first, in order.
+            // Too large for memory: what was kept goes to disk first, in order (counted once).
             let kept = self.memory.take().unwrap_or_default();
+            self.total -= kept.len() as u64;
             self.write_to_disk(&kept).await;
         }
         self.write_to_disk(data).await;
@@ -228,14 +229,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c");
         let mut t = ConsoleTail::new(&path, 1000);
-        for i in 0..100 {
+        for i in 0..150 {
             t.write(format!("{i:09}\n").as_bytes()).await;
         }
         assert!(t.cut());
         assert_eq!(t.finish().await, Console::File(path.clone()));
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("[ish] console output cut"), "{text}");
-        assert!(text.ends_with("000000099\n"), "{text}");
+        assert!(
+            text.starts_with("[ish] console output cut: the first 500 of 1500 bytes were dropped"),
+            "{text}"
+        );
+        assert!(text.ends_with("000000149\n"), "{text}");
         assert!(text.len() <= 1000 + 120, "{}", text.len());
     }
 
