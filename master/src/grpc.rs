@@ -120,6 +120,7 @@ impl SlaveLinkService {
         inbound: &mut Streaming<proto::ArtifactChunk>,
         grant: &UploadGrant,
         receipt: &mut proto::UploadReceipt,
+        kept: &mut KeptManifest,
     ) -> Result<(), Status> {
         use proto::artifact_chunk::Msg;
         let mut current: Option<(String, tokio::fs::File)> = None;
@@ -141,6 +142,17 @@ impl SlaveLinkService {
                     "the build's artifacts exceed max_artifact_bytes_per_build",
                 ));
             }
+            if f.path == results::UPLOAD_MANIFEST {
+                // Kept in memory; a file only when the upload is not whole (see `settle`).
+                if kept.manifest.is_none() {
+                    receipt.files += 1;
+                }
+                kept.manifest
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(&f.data);
+                receipt.bytes = total;
+                continue;
+            }
             let same = current.as_ref().is_some_and(|(p, _)| *p == f.path);
             if !same {
                 let rel = paths::safe_relative_path(&f.path).ok_or_else(|| {
@@ -158,10 +170,11 @@ impl SlaveLinkService {
                 receipt.files += 1;
                 current = Some((f.path.clone(), file));
             }
-            let (_, file) = current.as_mut().expect("set above");
+            let (name, file) = current.as_mut().expect("set above");
             file.write_all(&f.data)
                 .await
                 .map_err(|e| io_status("writing artifact", e))?;
+            *kept.written.entry(name.clone()).or_default() += f.data.len() as u64;
             receipt.bytes = total;
             if f.last {
                 let (_, mut file) = current.take().expect("set above");
@@ -269,7 +282,11 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
             )
             .await?;
         let mut receipt = proto::UploadReceipt::default();
-        let result = self.store_upload(&mut inbound, &grant, &mut receipt).await;
+        let mut kept = KeptManifest::default();
+        let result = self
+            .store_upload(&mut inbound, &grant, &mut receipt, &mut kept)
+            .await;
+        kept.settle(&grant.dir, result.is_ok()).await;
         // What reached the disk counts against the build's budget, even when the upload failed.
         let _ = self
             .handle
@@ -286,6 +303,44 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
         }
         result?;
         Ok(Response::new(receipt))
+    }
+}
+
+/// An upload's manifest (every file it will send and its size), held in memory while the
+/// upload runs. Written beside the files only when the upload is not whole, so that promotion
+/// leaves out the files it cut short (`results::drop_cut_files`): a whole upload, the normal
+/// case, makes no manifest file (each file made per atom costs an inode allocation).
+#[derive(Debug, Default)]
+struct KeptManifest {
+    manifest: Option<Vec<u8>>,
+    /// Bytes written per file name.
+    written: HashMap<String, u64>,
+}
+
+impl KeptManifest {
+    async fn settle(&self, dir: &std::path::Path, ended_ok: bool) {
+        let Some(manifest) = &self.manifest else {
+            return;
+        };
+        let listed: Vec<(String, u64)> = serde_json::from_slice(manifest).unwrap_or_default();
+        let whole = ended_ok
+            && !listed.is_empty()
+            && listed
+                .iter()
+                .all(|(name, size)| self.written.get(name).copied().unwrap_or(0) == *size);
+        let path = dir.join(results::UPLOAD_MANIFEST);
+        if whole {
+            // A manifest an earlier, interrupted upload of this attempt left is stale now.
+            let _ = tokio::fs::remove_file(&path).await;
+            return;
+        }
+        let written = async {
+            tokio::fs::create_dir_all(dir).await?;
+            tokio::fs::write(&path, manifest).await
+        };
+        if let Err(e) = written.await {
+            tracing::warn!(error = %e, "could not keep an upload's manifest");
+        }
     }
 }
 
@@ -847,5 +902,40 @@ impl proto::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<proto::MetricsResponse>, Status> {
         let text = self.handle.metrics().await?;
         Ok(Response::new(proto::MetricsResponse { text }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(listed: &[(&str, u64)], written: &[(&str, u64)]) -> KeptManifest {
+        KeptManifest {
+            manifest: Some(serde_json::to_vec(listed).unwrap()),
+            written: written.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+        }
+    }
+
+    /// A whole upload leaves no manifest file (and removes one an interrupted upload of the same
+    /// attempt left); one that is not whole keeps it, for promotion to drop the cut files.
+    #[tokio::test]
+    async fn a_manifest_is_a_file_only_when_the_upload_is_not_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("artifact_0_0");
+        let file = at.join(results::UPLOAD_MANIFEST);
+        let listed = [("a.txt", 3), ("clusterrunner_console_output", 0)];
+
+        kept(&listed, &[("a.txt", 2)]).settle(&at, true).await;
+        assert!(file.exists(), "a file came short");
+        kept(&listed, &[("a.txt", 3), ("clusterrunner_console_output", 0)])
+            .settle(&at, false)
+            .await;
+        assert!(file.exists(), "the upload ended in an error");
+        kept(&listed, &[("a.txt", 3), ("clusterrunner_console_output", 0)])
+            .settle(&at, true)
+            .await;
+        assert!(!file.exists(), "whole: no manifest, and the stale one is gone");
+        KeptManifest::default().settle(&at, false).await;
+        assert!(!file.exists(), "no manifest sent: nothing to keep");
     }
 }
