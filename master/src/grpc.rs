@@ -927,14 +927,23 @@ mod tests {
 
         kept(&listed, &[("a.txt", 2)]).settle(&at, true).await;
         assert!(file.exists(), "a file came short");
-        kept(&listed, &[("a.txt", 3), ("clusterrunner_console_output", 0)])
-            .settle(&at, false)
-            .await;
+        kept(
+            &listed,
+            &[("a.txt", 3), ("clusterrunner_console_output", 0)],
+        )
+        .settle(&at, false)
+        .await;
         assert!(file.exists(), "the upload ended in an error");
-        kept(&listed, &[("a.txt", 3), ("clusterrunner_console_output", 0)])
-            .settle(&at, true)
-            .await;
-        assert!(!file.exists(), "whole: no manifest, and the stale one is gone");
+        kept(
+            &listed,
+            &[("a.txt", 3), ("clusterrunner_console_output", 0)],
+        )
+        .settle(&at, true)
+        .await;
+        assert!(
+            !file.exists(),
+            "whole: no manifest, and the stale one is gone"
+        );
         KeptManifest::default().settle(&at, false).await;
         assert!(!file.exists(), "no manifest sent: nothing to keep");
     }

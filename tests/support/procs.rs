@@ -19,22 +19,9 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[&str], secret: &str, logs: &Path) -> Self {
-        let log = logs.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(ISH)
-            .args(args)
-            .env("ISH_SECRET", secret)
-            .env("ISH_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Self {
-            name: name.into(),
-            child: Some(child),
-            log,
-        }
+        let mut cmd = Command::new(ISH);
+        cmd.args(args);
+        Self::start(name, cmd, secret, logs)
     }
 
     /// Like [`Proc::spawn`], under an open-file limit of `nofile` (`ulimit -n` in the shell the
@@ -46,15 +33,21 @@ impl Proc {
         secret: &str,
         logs: &Path,
     ) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+            ISH,
+        ])
+        .args(args);
+        Self::start(name, cmd, secret, logs)
+    }
+
+    /// Starts `cmd` with the secret and its output in `<logs>/<name>.log`.
+    fn start(name: &str, mut cmd: Command, secret: &str, logs: &Path) -> Self {
         let log = logs.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("sh")
-            .args([
-                "-c",
-                &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
-                ISH,
-            ])
-            .args(args)
+        let child = cmd
             .env("ISH_SECRET", secret)
             .env("ISH_LOG", "info")
             .stdin(Stdio::null())
