@@ -41,11 +41,63 @@ impl SlaveLinkService {
     }
 }
 
-/// Open console files of one slave's running atoms, keyed by attempt and atom, with the bytes
-/// written so far (a slave may not stream more than `cap` bytes for one atom).
+/// Streamed consoles up to this size are held in memory for a moment (see [`ConsoleFiles`]).
+const HELD_CONSOLE_BYTES: usize = 64 << 10;
+
+/// How long a streamed console may stay in memory before it goes to its file (what live
+/// readers see lags by at most this).
+const HELD_CONSOLE_FOR: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The streamed consoles of one slave's running atoms, keyed by attempt and atom, with the
+/// bytes received so far (a slave may not stream more than `cap` bytes for one atom).
+///
+/// A short atom's console comes twice: streamed while it runs, and uploaded with its results.
+/// So a streamed console is held in memory until it is larger than [`HELD_CONSOLE_BYTES`] or
+/// older than [`HELD_CONSOLE_FOR`]; if the atom ends first and its upload brought the console,
+/// the held copy is dropped and no file is made (each file made per atom costs an inode
+/// allocation). Anything else (a long atom, no uploaded console, a session that ends) goes to
+/// the live console file, as before.
 struct ConsoleFiles {
-    open: HashMap<(u64, u32), (tokio::fs::File, u64)>,
+    open: HashMap<(u64, u32), LiveConsole>,
     cap: u64,
+}
+
+struct LiveConsole {
+    grant: UploadGrant,
+    written: u64,
+    since: std::time::Instant,
+    held: Held,
+}
+
+enum Held {
+    Memory(Vec<u8>),
+    File(tokio::fs::File),
+}
+
+impl LiveConsole {
+    /// Moves a console held in memory to its file.
+    async fn spill(&mut self) -> Result<(), MasterError> {
+        let Held::Memory(bytes) = &self.held else {
+            return Ok(());
+        };
+        let path = &self.grant.live_console;
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| MasterError::io("creating console directory", e))?;
+        }
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map_err(|e| MasterError::io("opening console file", e))?;
+        f.write_all(bytes)
+            .await
+            .map_err(|e| MasterError::io("writing console", e))?;
+        self.held = Held::File(f);
+        Ok(())
+    }
 }
 
 impl ConsoleFiles {
@@ -56,46 +108,97 @@ impl ConsoleFiles {
         c: proto::ConsoleChunk,
     ) -> Result<(), MasterError> {
         let key = (c.attempt, c.atom_id);
-        let (f, written) = match self.open.entry(key) {
+        let live = match self.open.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let path = handle
+                let grant = handle
                     .upload_target(
                         slave,
                         AtomRef::new(c.build_id, c.subjob_id, c.atom_id),
                         AttemptId(c.attempt),
                     )
-                    .await?
-                    .live_console;
-                if let Some(dir) = path.parent() {
-                    tokio::fs::create_dir_all(dir)
-                        .await
-                        .map_err(|e| MasterError::io("creating console directory", e))?;
-                }
-                let f = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .await
-                    .map_err(|e| MasterError::io("opening console file", e))?;
-                e.insert((f, 0))
+                    .await?;
+                e.insert(LiveConsole {
+                    grant,
+                    written: 0,
+                    since: std::time::Instant::now(),
+                    held: Held::Memory(Vec::new()),
+                })
             }
         };
-        *written += c.data.len() as u64;
-        if *written > self.cap {
+        live.written += c.data.len() as u64;
+        if live.written > self.cap {
             return Ok(());
         }
-        f.write_all(&c.data)
-            .await
-            .map_err(|e| MasterError::io("writing console", e))?;
-        Ok(())
+        match &mut live.held {
+            Held::Memory(m) if m.len() + c.data.len() <= HELD_CONSOLE_BYTES => {
+                m.extend_from_slice(&c.data);
+                Ok(())
+            }
+            Held::Memory(_) => {
+                live.spill().await?;
+                live.write(&c.data).await
+            }
+            Held::File(_) => live.write(&c.data).await,
+        }
     }
 
-    /// Makes an atom's console complete on disk before its result is recorded.
+    /// Consoles held longer than [`HELD_CONSOLE_FOR`] go to their files (live readers see them).
+    async fn spill_old(&mut self) {
+        for live in self.open.values_mut() {
+            if matches!(live.held, Held::Memory(_))
+                && live.since.elapsed() >= HELD_CONSOLE_FOR
+                && let Err(e) = live.spill().await
+            {
+                tracing::debug!(error = %e, "console kept in memory only");
+            }
+        }
+    }
+
+    /// Makes an atom's console complete on disk before its result is recorded — unless its
+    /// upload brought it, in which case a held copy is simply dropped.
     async fn close(&mut self, attempt: u64, atom: u32) {
-        if let Some((mut f, _)) = self.open.remove(&(attempt, atom)) {
+        let Some(mut live) = self.open.remove(&(attempt, atom)) else {
+            return;
+        };
+        if matches!(live.held, Held::Memory(_))
+            && tokio::fs::try_exists(live.grant.dir.join(results::CONSOLE_FILE))
+                .await
+                .unwrap_or(false)
+        {
+            return;
+        }
+        if let Err(e) = live.spill().await {
+            tracing::debug!(error = %e, "streamed console lost");
+        }
+        if let Held::File(f) = &mut live.held {
             let _ = f.flush().await;
         }
+    }
+
+    /// The session ended: every held console goes to its file (an atom killed with its slave
+    /// keeps what it printed).
+    async fn close_all(&mut self) {
+        let keys: Vec<(u64, u32)> = self.open.keys().copied().collect();
+        for (attempt, atom) in keys {
+            if let Some(mut live) = self.open.remove(&(attempt, atom)) {
+                let _ = live.spill().await;
+                if let Held::File(f) = &mut live.held {
+                    let _ = f.flush().await;
+                }
+            }
+        }
+    }
+}
+
+impl LiveConsole {
+    async fn write(&mut self, data: &[u8]) -> Result<(), MasterError> {
+        if let Held::File(f) = &mut self.held {
+            f.write_all(data)
+                .await
+                .map_err(|e| MasterError::io("writing console", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -220,8 +323,17 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
                 open: HashMap::new(),
                 cap: console_cap,
             };
+            let mut spill = tokio::time::interval(HELD_CONSOLE_FOR / 2);
+            spill.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let msg = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = spill.tick() => {
+                        consoles.spill_old().await;
+                        continue;
+                    }
+                };
+                let msg = match next {
                     Ok(Some(proto::SlaveMessage { msg: Some(m) })) => m,
                     Ok(Some(_)) => continue,
                     Ok(None) => break,
@@ -249,6 +361,7 @@ impl proto::slave_link_server::SlaveLink for SlaveLinkService {
                     break;
                 }
             }
+            consoles.close_all().await;
             let _ = handle.slave_disconnected(sid).await;
         });
         let out = ReceiverStream::new(rx);
