@@ -2,7 +2,8 @@
 //!
 //! Layout under `<data_dir>/results/<build_id>/`:
 //! - `.attempts/<attempt>/console_artifact_<s>_<a>` — an atom's console as it streams in, for
-//!   live reads;
+//!   live reads (held in memory by the session reader first, and never written for a short atom
+//!   whose upload brought its console: see `grpc.rs`, `ConsoleFiles`);
 //! - `.attempts/<attempt>/artifact_<s>_<a>/` — the files an attempt uploaded when its atom ended
 //!   (its `$ARTIFACT_DIR` and its whole console);
 //! - `artifact_<s>_<a>/` — the accepted attempt of each atom, promoted when its result is recorded,
@@ -329,7 +330,8 @@ pub const CONSOLE_FILE: &str = "clusterrunner_console_output";
 
 /// Name of the first file of a slave's upload: a JSON list of `[name, size]` of the files that
 /// follow (the slave's `ish_slave::UPLOAD_MANIFEST`). A file whose size differs was cut short (a
-/// refused or interrupted upload) and must not look whole in the results.
+/// refused or interrupted upload) and must not look whole in the results. The master keeps it in
+/// memory and writes it here only for an upload that is not whole (`grpc.rs`, `KeptManifest`).
 pub const UPLOAD_MANIFEST: &str = ".ish-upload-manifest";
 
 /// One change to the results tree.

@@ -105,8 +105,7 @@ impl Core {
         let project_key = b.project_key.clone();
         let back = self.self_tx.clone();
         tokio::spawn(async move {
-            let atoms = r.atoms.clone();
-            let timings = match store.timings(project_key, job.name.clone(), atoms).await {
+            let timings = match store.timings(&project_key, &job.name, &r.atoms).await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(build = id, error = %e, "timing history unreadable; grouping without it");

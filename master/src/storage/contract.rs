@@ -57,7 +57,7 @@ impl Snapshot {
             overrides: s.builds.atoms_override(9).await.unwrap(),
             timings: s
                 .builds
-                .timings("p".into(), "job".into(), vec!["a".into(), "b".into()])
+                .timings("p", "job", &["a".to_string(), "b".to_string()])
                 .await
                 .unwrap(),
             projects: s
@@ -272,17 +272,13 @@ pub async fn builds(s: &dyn BuildStore) {
         .await
         .unwrap();
     let t = s
-        .timings(
-            "p".into(),
-            "job".into(),
-            vec!["a".into(), "b".into(), "c".into()],
-        )
+        .timings("p", "job", &["a".into(), "b".into(), "c".into()])
         .await
         .unwrap();
     assert_eq!(t, HashMap::from([("a".into(), 1.0), ("b".into(), 3.0)]));
     // Project and job names never run into each other.
     assert!(
-        s.timings("pj".into(), "ob".into(), vec!["a".into()])
+        s.timings("pj", "ob", &["a".into()])
             .await
             .unwrap()
             .is_empty()

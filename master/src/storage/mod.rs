@@ -212,12 +212,12 @@ pub trait BuildStore: Send + Sync + std::fmt::Debug {
     /// A build's `atoms_override` (empty when it has none).
     fn atoms_override(&self, build: u64) -> BoxFuture<'_, Vec<String>>;
     /// Recorded seconds of the given atoms of a job (atoms without a record are left out).
-    fn timings(
-        &self,
-        project_key: String,
-        job: String,
-        atoms: Vec<String>,
-    ) -> BoxFuture<'_, HashMap<String, f64>>;
+    fn timings<'a>(
+        &'a self,
+        project_key: &'a str,
+        job: &'a str,
+        atoms: &'a [String],
+    ) -> BoxFuture<'a, HashMap<String, f64>>;
     /// Merges new atom times into a job's history (new values replace old ones), durably.
     /// Written by the results queue at a build's end, apart from the engine's batches.
     fn merge_timings(

@@ -490,15 +490,15 @@ impl BuildStore for Store {
         Box::pin(async move { Store::atoms_override(self, build) })
     }
 
-    fn timings(
-        &self,
-        project_key: String,
-        job: String,
-        atoms: Vec<String>,
-    ) -> BoxFuture<'_, HashMap<String, f64>> {
-        Box::pin(async move {
-            Store::timings(self, &project_key, &job, atoms.iter().map(String::as_str))
-        })
+    fn timings<'a>(
+        &'a self,
+        project_key: &'a str,
+        job: &'a str,
+        atoms: &'a [String],
+    ) -> BoxFuture<'a, HashMap<String, f64>> {
+        Box::pin(
+            async move { Store::timings(self, project_key, job, atoms.iter().map(String::as_str)) },
+        )
     }
 
     fn merge_timings(
